@@ -1,0 +1,230 @@
+"""Data: load and validate the CSV, de-duplicate, split (k-fold / holdout), tokenize with an on-disk cache,
+and per-label class weights.
+
+Duplicate rule: texts are compared after Unicode NFC normalisation and whitespace collapsing. Every
+distinct text becomes one row *before* splitting, so a comment can never sit in both train and test.
+When copies of one text disagree, each label is decided by majority vote over the copies, and a tie
+counts as positive (a moderation model should rather see a disputed comment as harmful).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from research_errors import UsageError
+
+TEXT_DEDUP_NOTE = 'duplicates merged before splitting; conflicting labels resolved per label by majority vote, ties positive'
+
+
+@dataclass
+class PreparedData:
+    """The cleaned, de-duplicated corpus and one train/validation/test split of it."""
+    texts: List[str]
+    labels: np.ndarray                 # float32 [n, num_labels], 0/1
+    label_names: List[str]
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    test_idx: np.ndarray
+    fold: int
+    stats: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def test_split_hash(self) -> str:
+        """Identifies the exact test rows, so results from different runs can be checked for the same split."""
+        return hashlib.sha256(json.dumps(sorted(self.texts[i] for i in self.test_idx), ensure_ascii=False).encode()).hexdigest()[:16]
+
+    def content_hash(self) -> str:
+        """Changes whenever any text or label changes; part of every cache key."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.label_names).encode())
+        for text, row in zip(self.texts, self.labels.astype(np.int8)):
+            digest.update(text.encode('utf-8'))
+            digest.update(row.tobytes())
+        return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------
+
+def normalize_text(text: str) -> str:
+    return ' '.join(unicodedata.normalize('NFC', text).split())
+
+
+def load_labeled_csv(path: str, text_column: str, label_columns: Sequence[str]) -> pd.DataFrame:
+    """Read the CSV and check the columns and label values; raise UsageError naming the fix."""
+    if not os.path.isfile(path):
+        raise UsageError(f"Dataset file '{path}' does not exist. Pass --dataset_path with the path of a CSV file "
+                         f"that has a '{text_column}' text column and the label columns {', '.join(label_columns)}.")
+    try:
+        frame = pd.read_csv(path, dtype={text_column: str}, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UsageError(f"Could not read '{path}' as a UTF-8 CSV file ({exc}). Check that it is a comma-separated "
+                         'file with a header row.')
+    columns = list(frame.columns)
+    if text_column not in columns:
+        raise UsageError(f"Text column '{text_column}' is not in {path}. Its columns are: {', '.join(map(str, columns))}. "
+                         'Pass the right one with --text_column.')
+    missing = [c for c in label_columns if c not in columns]
+    if missing:
+        raise UsageError(f"Label column(s) {', '.join(missing)} not in {path}. Its columns are: "
+                         f"{', '.join(map(str, columns))}. Pass the label columns with --label_columns a,b,c.")
+    for column in label_columns:
+        values = pd.to_numeric(frame[column], errors='coerce')
+        bad = frame[column][values.isna() | ~values.isin([0, 1])]
+        if len(bad):
+            examples = ', '.join(repr(v) for v in bad.unique()[:5])
+            raise UsageError(f"Label column '{column}' must hold only 0 and 1, but {len(bad)} row(s) hold other values "
+                             f'(e.g. {examples}). Fix or drop those rows, or choose other --label_columns.')
+        frame[column] = values.astype(np.int64)
+    return frame[[text_column] + list(label_columns)]
+
+
+def clean_and_deduplicate(frame: pd.DataFrame, text_column: str, label_columns: Sequence[str]):
+    """Drop empty/NaN texts, merge duplicate texts (majority vote per label, ties positive)."""
+    stats = {'rows_read': len(frame)}
+    texts = frame[text_column].map(lambda t: normalize_text(t) if isinstance(t, str) else '')
+    keep = texts.str.len() > 0
+    stats['rows_dropped_empty'] = int((~keep).sum())
+    frame = frame.loc[keep].assign(**{text_column: texts[keep]})
+    if stats['rows_dropped_empty']:
+        print(f'[data] dropped {stats["rows_dropped_empty"]} row(s) with an empty or missing text')
+    if frame.empty:
+        raise UsageError(f"No rows with a non-empty '{text_column}' remain after cleaning. Check that --text_column "
+                         'names the column that holds the comments and that the file is not empty.')
+    grouped = frame.groupby(text_column, sort=False)[list(label_columns)]
+    votes = grouped.mean()
+    merged = (votes >= 0.5).astype(np.float32)
+    conflicting = int(((votes > 0) & (votes < 1)).any(axis=1).sum())
+    stats['duplicate_rows_merged'] = len(frame) - len(merged)
+    stats['texts_with_conflicting_labels'] = conflicting
+    stats['unique_texts'] = len(merged)
+    print(f'[data] {len(frame)} rows -> {len(merged)} unique texts ({stats["duplicate_rows_merged"]} duplicate rows merged, '
+          f'{conflicting} texts had conflicting labels: majority vote per label, ties positive)')
+    return list(merged.index), merged.to_numpy(dtype=np.float32), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting
+# ---------------------------------------------------------------------------------------------
+
+def subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a label-stratified `fraction` of the rows (all rows when fraction == 1)."""
+    if fraction >= 1.0:
+        return np.arange(len(labels))
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, train_size=fraction, test_size=None, random_state=seed)
+    keep, _ = next(splitter.split(np.zeros(len(labels)), labels))
+    return np.sort(keep)
+
+
+def split_indices(labels: np.ndarray, num_folds: int, eval_fold: int, val_fraction: float, seed: int):
+    """(train, val, test) indices: fold `eval_fold` of a multilabel-stratified k-fold is the test split
+    (num_folds == 1: a stratified 80/20 holdout); a stratified `val_fraction` of the rest is validation."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
+    n = len(labels)
+    min_rows = max(2 * num_folds, 10)
+    if n < min_rows:
+        raise UsageError(f'Only {n} usable rows remain, too few for {num_folds} fold(s) with a validation slice '
+                         f'(need at least {min_rows}). Use more data (raise --data_fraction) or fewer --num_folds.')
+    placeholder = np.zeros(n)
+    if num_folds == 1:
+        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=0.2, random_state=seed)
+        rest, test = next(splitter.split(placeholder, labels))
+    else:
+        folds = list(MultilabelStratifiedKFold(n_splits=num_folds, shuffle=True, random_state=seed).split(placeholder, labels))
+        rest, test = folds[eval_fold]
+    val_splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+    train_pos, val_pos = next(val_splitter.split(np.zeros(len(rest)), labels[rest]))
+    return np.sort(rest[train_pos]), np.sort(rest[val_pos]), np.sort(test)
+
+
+def prepare_data(dataset_path: str, text_column: str, label_columns: Sequence[str], num_folds: int = 5,
+                 eval_fold: int = 0, data_fraction: float = 1.0, val_fraction: float = 0.1, seed: int = 42) -> PreparedData:
+    """Load, clean, de-duplicate, subsample and split. The same arguments always give the same split."""
+    frame = load_labeled_csv(dataset_path, text_column, label_columns)
+    texts, labels, stats = clean_and_deduplicate(frame, text_column, label_columns)
+    keep = subsample(labels, data_fraction, seed)
+    texts, labels = [texts[i] for i in keep], labels[keep]
+    stats['rows_used'] = len(texts)
+    train_idx, val_idx, test_idx = split_indices(labels, num_folds, eval_fold, val_fraction, seed)
+    print(f'[data] using {len(texts)} texts: train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)} '
+          f'(fold {eval_fold} of {num_folds})')
+    return PreparedData(texts, labels, list(label_columns), train_idx, val_idx, test_idx, eval_fold, stats)
+
+
+def positive_class_weights(labels: np.ndarray) -> np.ndarray:
+    """BCE pos_weight per label = negatives / positives on the training rows (1 when a label has no positive)."""
+    positives = labels.sum(axis=0)
+    negatives = len(labels) - positives
+    return np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization with an on-disk cache
+# ---------------------------------------------------------------------------------------------
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of everything that decides the token ids: the full backend serialisation (vocab, normaliser,
+    pre-tokeniser, post-processor) for fast tokenizers, the vocabulary and settings otherwise."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, 'backend_tokenizer', None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+        digest.update(json.dumps(getattr(tokenizer, 'init_kwargs', {}), sort_keys=True, default=str).encode())
+    digest.update(str(getattr(tokenizer, 'truncation_side', 'right')).encode())
+    return digest.hexdigest()[:16]
+
+
+def tokenization_cache_key(data: PreparedData, tokenizer, max_length: int) -> str:
+    return f'tok_{data.content_hash()}_{tokenizer_fingerprint(tokenizer)}_{max_length}'
+
+
+def tokenize_corpus(data: PreparedData, tokenizer, max_length: int, cache_dir: Optional[str]):
+    """A `datasets.Dataset` of every text (input_ids, attention_mask, labels), unpadded; splits are
+    `.select(idx)` of it. Cached on disk under a key of data content, tokenizer and max_length, so a
+    changed CSV or tokenizer never reuses a stale cache."""
+    import datasets
+    path = os.path.join(cache_dir, tokenization_cache_key(data, tokenizer, max_length)) if cache_dir else None
+    if path and os.path.isdir(path):
+        return datasets.load_from_disk(path)
+    corpus = datasets.Dataset.from_dict({'text': data.texts, 'labels': data.labels.tolist()})
+
+    def encode(batch):
+        return tokenizer(batch['text'], truncation=True, max_length=max_length)
+
+    corpus = corpus.map(encode, batched=True, remove_columns=['text'], desc='tokenizing')
+    keep = [c for c in corpus.column_names if c in ('input_ids', 'attention_mask', 'token_type_ids', 'labels')]
+    corpus = corpus.select_columns(keep)
+    if path:
+        # Write aside and rename, so an interrupted run never leaves a half-written cache behind.
+        tmp = f'{path}.tmp{os.getpid()}'
+        shutil.rmtree(tmp, ignore_errors=True)
+        corpus.save_to_disk(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        corpus = datasets.load_from_disk(path)
+    return corpus
+
+
+@dataclass
+class TokenizedSplits:
+    train: object
+    val: object
+    test: object
+
+
+def tokenized_splits(data: PreparedData, tokenizer, max_length: int, cache_dir: Optional[str]) -> TokenizedSplits:
+    corpus = tokenize_corpus(data, tokenizer, max_length, cache_dir)
+    return TokenizedSplits(corpus.select(data.train_idx), corpus.select(data.val_idx), corpus.select(data.test_idx))

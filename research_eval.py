@@ -1,0 +1,171 @@
+"""Evaluation: quality metrics (multi-label), efficiency metrics measured on the saved artifact, and the
+comparison of every stage against the baseline. One place computes each metric; the results JSON/CSV,
+the ablation table and the model card all read these dictionaries.
+"""
+
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support,
+                             roc_auc_score)
+
+# Files that hold model weights; tokenizer files, configs and cards are not counted in size_mb.
+WEIGHT_FILE_SUFFIXES = ('.safetensors', '.onnx', '.onnx_data', '.bin', '.pt', '.gguf')
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def quality_metrics(y_true: np.ndarray, probs: np.ndarray, label_names: Sequence[str], threshold: float = 0.5) -> Dict:
+    """F1 macro/micro/weighted, exact match, Hamming loss, ROC-AUC (macro over labels where both classes
+    occur) and per-label precision/recall/F1/ROC-AUC, at a fixed decision threshold."""
+    y_true = np.asarray(y_true).astype(int)
+    y_pred = (np.asarray(probs) >= threshold).astype(int)
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
+    aucs = []
+    for j in range(y_true.shape[1]):
+        both_classes = 0 < y_true[:, j].sum() < len(y_true)
+        aucs.append(float(roc_auc_score(y_true[:, j], probs[:, j])) if both_classes else None)
+    defined = [a for a in aucs if a is not None]
+    return {
+        'f1_macro': float(f1_score(y_true, y_pred, average='macro', zero_division=0)),
+        'f1_micro': float(f1_score(y_true, y_pred, average='micro', zero_division=0)),
+        'f1_weighted': float(f1_score(y_true, y_pred, average='weighted', zero_division=0)),
+        'exact_match': float(accuracy_score(y_true, y_pred)),
+        'hamming_loss': float(hamming_loss(y_true, y_pred)),
+        'roc_auc_macro': float(np.mean(defined)) if defined else None,
+        'per_label': {name: {'precision': float(precision[j]), 'recall': float(recall[j]), 'f1': float(f1[j]),
+                             'roc_auc': aucs[j]} for j, name in enumerate(label_names)},
+    }
+
+
+def batches_of(dataset, tokenizer, batch_size: int):
+    """Padded batches (dicts of tensors) of a tokenized split, in order."""
+    from transformers import DataCollatorWithPadding
+    collate = DataCollatorWithPadding(tokenizer, return_tensors='pt')
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start:start + batch_size]
+        features = [{k: rows[k][i] for k in rows} for i in range(len(rows['input_ids']))]
+        yield collate(features)
+
+
+def predict_probabilities(classifier, dataset, batch_size: int = 64):
+    """(labels, probabilities) of a classifier from `research_inference` on a tokenized split."""
+    labels, probs = [], []
+    for batch in batches_of(dataset, classifier.tokenizer, batch_size):
+        labels.append(batch.pop('labels').numpy())
+        probs.append(sigmoid(classifier.logits(batch)))
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def size_on_disk_mb(model_dir: str) -> float:
+    """Megabytes (10^6 bytes) of the weight files actually written in `model_dir`."""
+    total = 0
+    for root, _, files in os.walk(model_dir):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if f.endswith(WEIGHT_FILE_SUFFIXES))
+    return total / 1e6
+
+
+def latency_batch(dataset, tokenizer, batch_size: int, seq_len: int) -> dict:
+    """A fixed batch of real test texts padded to exactly `seq_len` tokens, so every stage is timed on
+    the same shape."""
+    rows = dataset[:batch_size]
+    columns = [c for c in rows if c != 'labels']
+    features = [{c: rows[c][i] for c in columns} for i in range(len(rows['input_ids']))]
+    while len(features) < batch_size:  # tiny test splits: repeat rows to fill the batch
+        features.append(features[len(features) % max(len(rows['input_ids']), 1)])
+    return tokenizer.pad(features, padding='max_length', max_length=seq_len, return_tensors='pt')
+
+
+def measure_latency(classifier, batch: dict, runs: int = 30, warmup: int = 3) -> Dict:
+    """Wall-clock latency per batch (ms): mean and p50/p95/p99 over `runs` batches after `warmup`."""
+    for _ in range(warmup):
+        classifier.logits(batch)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        classifier.logits(batch)
+        times.append((time.perf_counter() - start) * 1000.0)
+    times = np.asarray(times)
+    batch_size = int(batch['input_ids'].shape[0])
+    return {
+        'latency_ms_mean': float(times.mean()),
+        'latency_ms_p50': float(np.percentile(times, 50)),
+        'latency_ms_p95': float(np.percentile(times, 95)),
+        'latency_ms_p99': float(np.percentile(times, 99)),
+        'throughput_samples_s': float(batch_size * 1000.0 / times.mean()),
+        'latency_batch_size': batch_size,
+        'latency_seq_len': int(batch['input_ids'].shape[1]),
+        'latency_device': classifier.device_name,
+    }
+
+
+def weight_statistics(classifier, pruned_layer_names: Sequence[str]) -> Dict:
+    """Parameter counts and sparsity counted from the stored weights of the saved model: over the pruned
+    (selected) Linear layers, and over every parameter of the model."""
+    arrays = classifier.parameter_arrays()
+    total = sum(a.size for a in arrays.values())
+    nonzero = sum(int(np.count_nonzero(a)) for a in arrays.values())
+    selected = [arrays[name] for name in pruned_layer_names if name in arrays]
+    selected_total = sum(a.size for a in selected)
+    selected_zero = sum(a.size - int(np.count_nonzero(a)) for a in selected)
+    return {
+        'params_total': int(total),
+        'params_nonzero': int(nonzero),
+        'sparsity_pruned_layers': float(selected_zero / selected_total) if selected_total else 0.0,
+        'sparsity_overall': float(1 - nonzero / total) if total else 0.0,
+    }
+
+
+def evaluate_saved_model(classifier, model_dir: str, test_dataset, pruned_layer_names: Sequence[str],
+                         threshold: float, latency_batch_size: int, seq_len: int, latency_runs: int) -> Dict:
+    """Every metric of one stage, measured on the model as loaded back from `model_dir`."""
+    labels, probs = predict_probabilities(classifier, test_dataset)
+    result = quality_metrics(labels, probs, classifier.label_names, threshold)
+    result['size_mb'] = size_on_disk_mb(model_dir)
+    result.update(weight_statistics(classifier, pruned_layer_names))
+    batch = latency_batch(test_dataset, classifier.tokenizer, latency_batch_size, seq_len)
+    result.update(measure_latency(classifier, batch, runs=latency_runs))
+    return result
+
+
+def add_relative_metrics(stages: List[Dict]) -> List[Dict]:
+    """compression_ratio (baseline size / stage size) and speedup (baseline p50 / stage p50) against the
+    first stage, which is always the baseline teacher measured in the same run."""
+    base = stages[0]
+    for stage in stages:
+        stage['compression_ratio'] = base['size_mb'] / stage['size_mb'] if stage['size_mb'] else None
+        stage['speedup'] = base['latency_ms_p50'] / stage['latency_ms_p50'] if stage['latency_ms_p50'] else None
+        stage['f1_macro_delta_vs_baseline'] = stage['f1_macro'] - base['f1_macro']
+    return stages
+
+
+RESULT_COLUMNS = ['stage', 'f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro',
+                  'size_mb', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
+                  'latency_ms_mean', 'latency_ms_p50', 'latency_ms_p95', 'latency_ms_p99', 'throughput_samples_s',
+                  'compression_ratio', 'speedup', 'model_dir']
+
+
+def flatten_stage(stage: Dict, label_names: Sequence[str]) -> Dict:
+    """One CSV row: the scalar metrics, then per-label metrics as `<label>_<metric>` columns."""
+    row = {k: stage.get(k) for k in RESULT_COLUMNS}
+    row.update({k: v for k, v in stage.items() if k not in row and not isinstance(v, (dict, list))})
+    for name in label_names:
+        for metric, value in stage['per_label'][name].items():
+            row[f'{name}_{metric}'] = value
+    return row
+
+
+def format_stage_table(stages: List[Dict]) -> str:
+    def fmt(value, spec):
+        return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    lines = [f'{"stage":<10} {"F1-macro":>9} {"size MB":>9} {"nonzero":>11} {"sparsity":>9} {"p50 ms":>8} {"x smaller":>9} {"x faster":>9}']
+    for s in stages:
+        lines.append(f'{s["stage"]:<10} {fmt(s["f1_macro"], ".4f"):>9} {fmt(s["size_mb"], ".2f"):>9} {s["params_nonzero"]:>11,} '
+                     f'{fmt(s["sparsity_overall"], ".1%"):>9} {fmt(s["latency_ms_p50"], ".2f"):>8} '
+                     f'{fmt(s["compression_ratio"], ".2f"):>9} {fmt(s["speedup"], ".2f"):>9}')
+    return '\n'.join(lines)

@@ -1,0 +1,194 @@
+"""Load any saved stage folder (fp32, pruned or quantized) and predict label probabilities.
+
+    from research_inference import load_compressed_model
+    model = load_compressed_model('compressed_models/stages/quant')
+    model.predict(['...'])  # -> [{'bully': 0.91, 'sexual': 0.02, ...}]
+
+CLI: python research_inference.py MODEL_DIR "text" ["text" ...]
+
+Every stage folder holds `compression_info.json`, whose `format` picks the loader from `MODEL_LOADERS`.
+"""
+
+import json
+import os
+import sys
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+
+from research_errors import UsageError
+
+INFO_FILE = 'compression_info.json'
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class CompressedClassifier:
+    """A multi-label text classifier as saved by this tool. Subclasses provide `logits` and weights."""
+
+    device_name = 'cpu'
+
+    def __init__(self, tokenizer, label_names: Sequence[str], max_length: int, threshold: float, info: dict):
+        self.tokenizer = tokenizer
+        self.label_names = list(label_names)
+        self.max_length = max_length
+        self.threshold = threshold
+        self.info = info
+
+    def logits(self, batch: dict) -> np.ndarray:
+        raise NotImplementedError
+
+    def parameter_arrays(self) -> Dict[str, np.ndarray]:
+        """Every stored parameter as an array, keyed by the PyTorch parameter name where one is known."""
+        raise NotImplementedError
+
+    def predict(self, texts: Sequence[str], batch_size: int = 32) -> List[Dict[str, float]]:
+        if isinstance(texts, str):
+            texts = [texts]
+        results = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer(list(texts[start:start + batch_size]), truncation=True, max_length=self.max_length,
+                                   padding=True, return_tensors='pt')
+            probs = _sigmoid(self.logits(dict(batch)))
+            results.extend({name: float(p) for name, p in zip(self.label_names, row)} for row in probs)
+        return results
+
+
+class TorchClassifier(CompressedClassifier):
+    """A PyTorch `nn.Module` classifier (fp32, pruned, or quantized in PyTorch)."""
+
+    def __init__(self, model, tokenizer, label_names, max_length, threshold, info):
+        super().__init__(tokenizer, label_names, max_length, threshold, info)
+        self.model = model.eval()
+        self.device = next(model.parameters()).device if any(True for _ in model.parameters()) else 'cpu'
+        self.device_name = str(self.device)
+
+    def logits(self, batch: dict) -> np.ndarray:
+        import torch
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k in ('input_ids', 'attention_mask', 'token_type_ids')}
+        with torch.inference_mode():
+            return self.model(**inputs).logits.float().cpu().numpy()
+
+    def parameter_arrays(self) -> Dict[str, np.ndarray]:
+        return {name: tensor.detach().float().cpu().numpy() for name, tensor in self.model.state_dict().items()
+                if tensor.is_floating_point() and not name.endswith(('_mask', 'position_ids'))}
+
+
+class OnnxClassifier(CompressedClassifier):
+    """An ONNX Runtime session (e.g. an int8-quantized export)."""
+
+    def __init__(self, model_path, tokenizer, label_names, max_length, threshold, info):
+        super().__init__(tokenizer, label_names, max_length, threshold, info)
+        import onnxruntime as ort
+        self.model_path = model_path
+        self.session = ort.InferenceSession(model_path, providers=['CPUExecutionProvider'])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.device_name = 'cpu (onnxruntime)'
+
+    def logits(self, batch: dict) -> np.ndarray:
+        ids = batch['input_ids']
+        feeds = {}
+        for name in self.input_names:
+            # Tokenizers that do not emit token_type_ids mean segment 0 everywhere.
+            value = batch[name] if name in batch else np.zeros(tuple(ids.shape), dtype=np.int64)
+            feeds[name] = np.asarray(value.cpu().numpy() if hasattr(value, 'cpu') else value, dtype=np.int64)
+        return self.session.run(None, feeds)[0]
+
+    def parameter_arrays(self) -> Dict[str, np.ndarray]:
+        """Stored initializers, renamed to PyTorch parameter names through the map written at export.
+        Quantization scales and zero points are bookkeeping, not parameters, and are left out."""
+        import onnx
+        from onnx import numpy_helper
+        graph = onnx.load(self.model_path).graph
+        names = self.info.get('onnx_weight_names', {})
+        arrays = {}
+        for init in graph.initializer:
+            if init.name.endswith(('_scale', '_zero_point')):
+                continue
+            base = init.name[:-len('_quantized')] if init.name.endswith('_quantized') else init.name
+            arrays[names.get(base, init.name)] = numpy_helper.to_array(init)
+        return arrays
+
+
+def read_info(model_dir: str) -> dict:
+    path = os.path.join(model_dir, INFO_FILE)
+    if not os.path.isfile(path):
+        raise UsageError(f"'{model_dir}' is not a model folder saved by this tool (no {INFO_FILE}). Pass a stage folder "
+                         'such as <output_dir>/stages/quant.')
+    with open(path, encoding='utf-8') as fh:
+        return json.load(fh)
+
+
+def write_info(model_dir: str, info: dict) -> None:
+    with open(os.path.join(model_dir, INFO_FILE), 'w', encoding='utf-8') as fh:
+        json.dump(info, fh, indent=2)
+
+
+def save_hf_classifier(model, tokenizer, model_dir: str, info: dict) -> None:
+    """Hugging Face `save_pretrained` format (safetensors), loadable with `from_pretrained` too."""
+    os.makedirs(model_dir, exist_ok=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    write_info(model_dir, {'format': 'hf', **info})
+
+
+def load_hf_classifier(model_dir: str, info: dict) -> CompressedClassifier:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return TorchClassifier(model, tokenizer, info['label_names'], info['max_length'], info.get('threshold', 0.5), info)
+
+
+def load_onnx_classifier(model_dir: str, info: dict) -> CompressedClassifier:
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return OnnxClassifier(os.path.join(model_dir, info.get('onnx_file', 'model.onnx')), tokenizer, info['label_names'],
+                          info['max_length'], info.get('threshold', 0.5), info)
+
+
+# format name (compression_info.json "format") -> loader(model_dir, info)
+MODEL_LOADERS: Dict[str, Callable[[str, dict], CompressedClassifier]] = {
+    'hf': load_hf_classifier,
+    'onnx': load_onnx_classifier,
+}
+
+
+def register_model_loader(format_name: str, loader: Callable[[str, dict], CompressedClassifier]) -> None:
+    MODEL_LOADERS[format_name] = loader
+
+
+def load_compressed_model(path: str) -> CompressedClassifier:
+    """Load a saved stage folder of any format; `.predict(texts)` gives one {label: probability} per text."""
+    info = read_info(path)
+    # The quantization module registers its own formats (e.g. torch int8) when imported.
+    import research_quantization  # noqa: F401
+    try:
+        loader = MODEL_LOADERS[info['format']]
+    except KeyError:
+        raise UsageError(f"'{path}' has format '{info['format']}', which this version cannot load "
+                         f"(known: {', '.join(MODEL_LOADERS)}).")
+    return loader(path, info)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2 or argv[0] in ('-h', '--help'):
+        print('usage: python research_inference.py MODEL_DIR "text" ["text" ...]\n'
+              'Prints one JSON object of label probabilities per text (threshold from the model card).')
+        return 0 if argv and argv[0] in ('-h', '--help') else 2
+    try:
+        model = load_compressed_model(argv[0])
+    except UsageError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    for text, probs in zip(argv[1:], model.predict(argv[1:])):
+        flagged = [name for name, p in probs.items() if p >= model.threshold]
+        print(json.dumps({'text': text, 'labels': flagged, 'probabilities': {k: round(v, 4) for k, v in probs.items()}},
+                         ensure_ascii=False))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
