@@ -177,7 +177,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, 'backend_tokenizer', None)
     if backend is not None:
-        digest.update(backend.to_str().encode())
+        # Truncation/padding state is set on the backend by each call; max_length is keyed separately.
+        spec = json.loads(backend.to_str())
+        spec.pop('truncation', None)
+        spec.pop('padding', None)
+        digest.update(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode())
     else:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
         digest.update(json.dumps(getattr(tokenizer, 'init_kwargs', {}), sort_keys=True, default=str).encode())
