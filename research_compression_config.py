@@ -86,6 +86,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     teacher.add_argument('--teacher_checkpoint', type=str, default=None,
                          help='An already fine-tuned classifier (head included): load it and skip teacher training.')
     teacher.add_argument('--teacher_epochs', type=int, default=10)
+    teacher.add_argument('--allow_teacher_split_mismatch', action='store_true',
+                         help='Use a --teacher_checkpoint made by this tool on a different split (normally refused: '
+                              'the teacher would have seen test texts).')
 
     student = parser.add_argument_group('student')
     student.add_argument('--student_path', type=str, default='distilbert-base-multilingual-cased',

@@ -70,6 +70,7 @@ def obtain_teacher(args, data):
     from research_models import load_encoder_for_classification, load_fine_tuned_classifier
     from research_training import train_classifier
     if args.teacher_checkpoint:
+        check_teacher_split(args, data)
         print(f'[teacher] loading fine-tuned checkpoint {args.teacher_checkpoint} (training skipped)')
         return load_fine_tuned_classifier(args.teacher_checkpoint, args.label_columns)
     model, tokenizer = load_encoder_for_classification(args.teacher_path, args.label_columns, args.dropout)
@@ -103,9 +104,33 @@ def evaluate_stage(args, stage: str, model_dir: str, pruned_layer_names, splits_
     return result
 
 
-def stage_info(args, stage: str) -> Dict:
+def stage_info(args, stage: str, data) -> Dict:
     return {'stage': stage, 'pipeline': args.pipeline, 'label_names': list(args.label_columns),
-            'max_length': args.max_length, 'threshold': args.threshold}
+            'max_length': args.max_length, 'threshold': args.threshold, 'split': split_record(args, data)}
+
+
+def split_record(args, data) -> Dict:
+    """What identifies the data a model was trained on, so a later run can refuse a leaking teacher."""
+    return {'data_content_hash': data.content_hash(), 'test_split_hash': data.test_split_hash, 'fold': data.fold,
+            'num_folds': args.num_folds, 'seed': args.seed, 'data_fraction': args.data_fraction}
+
+
+def check_teacher_split(args, data) -> None:
+    """A checkpoint fine-tuned by this tool on another split of the same data has seen some of this run's
+    test texts; scoring it here would inflate every metric. Refuse unless told otherwise."""
+    from research_inference import INFO_FILE
+    path = os.path.join(args.teacher_checkpoint, INFO_FILE)
+    if args.allow_teacher_split_mismatch or not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8') as fh:
+        trained_on = json.load(fh).get('split')
+    if trained_on and trained_on['test_split_hash'] != data.test_split_hash:
+        raise UsageError(
+            f"--teacher_checkpoint '{args.teacher_checkpoint}' was fine-tuned by this tool with a different split "
+            f"(data_fraction={trained_on['data_fraction']}, num_folds={trained_on['num_folds']}, fold={trained_on['fold']}, "
+            f"seed={trained_on['seed']}) than this run (data_fraction={args.data_fraction}, num_folds={args.num_folds}, "
+            f'fold={args.eval_fold}, seed={args.seed}), so it has seen some of this run\'s test texts. Use the same '
+            'data settings, or pass --allow_teacher_split_mismatch if you know the data are unrelated.')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +203,7 @@ def run_pipeline(args) -> List[Dict]:
     def record(stage, model, tokenizer, splits, extra=None, saved_info=None):
         """Save the stage (unless the quantizer already did), evaluate it from disk, keep or drop it."""
         path = stage_dir(args, stage)
-        info = stage_info(args, stage)
+        info = stage_info(args, stage, data)
         if saved_info is None:
             save_hf_classifier(model, tokenizer, path, info)
         else:

@@ -113,3 +113,12 @@ def test_unknown_method_is_an_argparse_error(tmp_path, tiny_teacher_dir):
     with pytest.raises(SystemExit) as exc:
         run_cli(args_for(tmp_path, tiny_teacher_dir, quant_method='int3'))
     assert exc.value.code == 2
+
+
+def test_teacher_checkpoint_from_another_split_is_refused(tmp_path, capsys, teacher_checkpoint):
+    """The tiny teacher was fine-tuned on --num_folds 1 --seed 42; another seed puts its training texts in test."""
+    argv = fast_args(tmp_path / 'out', pipeline='baseline', teacher_checkpoint=teacher_checkpoint,
+                     cache_dir=tmp_path / 'c', seed=5)
+    code, err = run_and_capture(capsys, argv)
+    assert code == 2 and 'has seen some of this run' in err
+    assert run_cli(argv + ['--allow_teacher_split_mismatch', '--output_dir', str(tmp_path / 'o2')]) == 0
