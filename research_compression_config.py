@@ -66,6 +66,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
     pipe.add_argument('--run_ablation', action='store_true', help='Run every pipeline in --ablation_pipelines as one plan.')
     pipe.add_argument('--ablation_pipelines', type=_comma_list, default=list(PIPELINE_CONFIGS),
                       help='Comma-separated pipelines for --run_ablation.')
+    pipe.add_argument('--seeds', type=_comma_list, default=None,
+                      help="Repeat the run/ablation with each training seed, e.g. '42,43,44', and report mean +- std. "
+                           'The split stays the one chosen by --seed, so every repetition is scored on the same test rows.')
+    pipe.add_argument('--no_reuse_stages', action='store_false', dest='reuse_stages',
+                      help='Re-run every stage even if an identical one is stored under <cache_dir>/stages.')
 
     data = parser.add_argument_group('data')
     data.add_argument('--text_column', type=str, default='comment')
@@ -168,6 +173,11 @@ def parse_compression_arguments(args_list: Optional[List[str]] = None) -> argpar
                          f"Choose from: {', '.join(PIPELINE_CONFIGS)}.")
     _apply_pipeline_config(args)
     validate_arguments(args)
+    try:
+        args.seeds = [int(s) for s in args.seeds] if args.seeds else [args.seed]
+    except ValueError:
+        raise UsageError(f"--seeds must be comma-separated integers, e.g. '42,43,44', got {','.join(args.seeds)}.")
+    args.train_seed = args.seeds[0]
     return args
 
 

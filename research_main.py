@@ -1,7 +1,9 @@
-"""Entry point: chains the stages of the chosen pipeline (teacher -> KD -> prune -> quantize), evaluates
-every stage on the same test split, and writes the results.
+"""Entry point: runs the chosen pipeline (teacher -> KD -> prune -> quantize), or with --run_ablation all
+requested pipelines as one plan of shared stages, evaluates every stage on the same test split, and
+writes the results, the ablation summary and plots.
 
     python research_main.py --pipeline kd_prune_quant --dataset_path data.csv --author_name me ...
+    python research_main.py --run_ablation --seeds 42,43,44 --dataset_path data.csv --author_name me ...
 """
 
 import json
@@ -9,10 +11,11 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from research_compression_config import (PIPELINE_CONFIGS, parse_compression_arguments, parse_student_layers,
-                                         print_compression_config, save_config)
+from research_compression_config import (PIPELINE_CONFIGS, parse_compression_arguments, print_compression_config,
+                                         save_config)
 from research_errors import UsageError
 
 RESULTS_JSON = 'results_final.json'
@@ -51,219 +54,147 @@ def prepare_output_dir(args) -> None:
     os.makedirs(out, exist_ok=True)
 
 
-def stage_dir(args, stage: str) -> str:
-    return os.path.join(args.output_dir, 'stages', stage)
-
-
-def planned_stages(args) -> List[str]:
-    return ['baseline'] + [stage for stage, on in (('kd', args.enable_kd), ('prune', args.enable_pruning),
-                                                   ('quant', args.enable_quantization)) if on]
-
-
-# ---------------------------------------------------------------------------------------------
-# Stages
-# ---------------------------------------------------------------------------------------------
-
-def obtain_teacher(args, data):
-    """The fine-tuned teacher: loaded from --teacher_checkpoint (head included), or fine-tuned here."""
-    from research_data import positive_class_weights, tokenized_splits
-    from research_models import load_encoder_for_classification, load_fine_tuned_classifier
-    from research_training import train_classifier
-    if args.teacher_checkpoint:
-        check_teacher_split(args, data)
-        print(f'[teacher] loading fine-tuned checkpoint {args.teacher_checkpoint} (training skipped)')
-        return load_fine_tuned_classifier(args.teacher_checkpoint, args.label_columns)
-    model, tokenizer = load_encoder_for_classification(args.teacher_path, args.label_columns, args.dropout)
-    splits = tokenized_splits(data, tokenizer, args.max_length, args.cache_dir)
-    print(f'[teacher] fine-tuning {args.teacher_path} for up to {args.teacher_epochs} epochs')
-    model, _ = train_classifier(model, tokenizer, splits.train, splits.val, positive_class_weights(data.labels[data.train_idx]),
-                                args, os.path.join(args.output_dir, 'work', 'teacher'), args.teacher_epochs, args.lr)
-    return model, tokenizer
-
-
-def build_student(args, teacher, teacher_tokenizer):
-    """The student: derived from the teacher (--student_layers), or a pretrained encoder (--student_path)."""
-    from research_kd import derive_student_from_teacher
-    from research_models import load_encoder_for_classification
-    if args.student_layers:
-        return derive_student_from_teacher(teacher, parse_student_layers(args.student_layers)), teacher_tokenizer
-    return load_encoder_for_classification(args.student_path, args.label_columns, args.dropout)
-
-
-def evaluate_stage(args, stage: str, model_dir: str, pruned_layer_names, splits_test, extra: Optional[Dict] = None) -> Dict:
-    """Load the stage back from disk and measure it: what is reported is what was saved."""
-    from research_eval import evaluate_saved_model
-    from research_inference import load_compressed_model
-    classifier = load_compressed_model(model_dir)
-    result = {'stage': stage}
-    result.update(evaluate_saved_model(classifier, model_dir, splits_test, pruned_layer_names, args.threshold,
-                                       args.latency_batch_size, args.max_length, args.latency_runs))
-    result.update(extra or {})
-    print(f'[eval] {stage}: macro-F1 {result["f1_macro"]:.4f}, {result["size_mb"]:.2f} MB on disk, '
-          f'p50 {result["latency_ms_p50"]:.2f} ms (batch {args.latency_batch_size} x {args.max_length} tokens)')
-    return result
-
-
-def stage_info(args, stage: str, data) -> Dict:
-    return {'stage': stage, 'pipeline': args.pipeline, 'label_names': list(args.label_columns),
-            'max_length': args.max_length, 'threshold': args.threshold, 'split': split_record(args, data)}
-
-
-def split_record(args, data) -> Dict:
-    """What identifies the data a model was trained on, so a later run can refuse a leaking teacher."""
-    return {'data_content_hash': data.content_hash(), 'test_split_hash': data.test_split_hash, 'fold': data.fold,
-            'num_folds': args.num_folds, 'seed': args.seed, 'data_fraction': args.data_fraction}
-
-
-def check_teacher_split(args, data) -> None:
-    """A checkpoint fine-tuned by this tool on another split of the same data has seen some of this run's
-    test texts; scoring it here would inflate every metric. Refuse unless told otherwise."""
-    from research_inference import INFO_FILE
-    path = os.path.join(args.teacher_checkpoint, INFO_FILE)
-    if args.allow_teacher_split_mismatch or not os.path.isfile(path):
-        return
-    with open(path, encoding='utf-8') as fh:
-        trained_on = json.load(fh).get('split')
-    if trained_on and trained_on['test_split_hash'] != data.test_split_hash:
-        raise UsageError(
-            f"--teacher_checkpoint '{args.teacher_checkpoint}' was fine-tuned by this tool with a different split "
-            f"(data_fraction={trained_on['data_fraction']}, num_folds={trained_on['num_folds']}, fold={trained_on['fold']}, "
-            f"seed={trained_on['seed']}) than this run (data_fraction={args.data_fraction}, num_folds={args.num_folds}, "
-            f'fold={args.eval_fold}, seed={args.seed}), so it has seen some of this run\'s test texts. Use the same '
-            'data settings, or pass --allow_teacher_split_mismatch if you know the data are unrelated.')
-
-
 # ---------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------
 
 def write_json_atomically(path: str, payload) -> None:
+    """Write aside, then rename: an interrupted run never leaves a complete-looking results file."""
     tmp = path + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as fh:
-        json.dump(payload, fh, indent=2, ensure_ascii=False)
+        json.dump(payload, fh, indent=2, ensure_ascii=False, default=str)
     os.replace(tmp, path)
 
 
-def write_results(args, stages: List[Dict], data) -> None:
+def split_note(runs) -> str:
+    parts = sorted({f'fold {r.data.fold} (test split hash {r.data.test_split_hash}, {len(r.data.test_idx)} texts)' for r in runs})
+    return '; '.join(parts)
+
+
+def write_pipeline_results(folder: str, args, pipeline: str, stages: List[Dict], run) -> None:
+    """results_final.json / .csv of one pipeline: one entry per stage in order, the last is the final model."""
     import pandas as pd
     from research_eval import flatten_stage
-    payload = {'pipeline': args.pipeline, 'author_name': args.author_name, 'fold': data.fold,
-               'test_split_hash': data.test_split_hash, 'test_rows': int(len(data.test_idx)), 'stages': stages}
+    os.makedirs(folder, exist_ok=True)
+    payload = {'pipeline': pipeline, 'author_name': args.author_name, 'fold': run.data.fold, 'train_seed': run.seed,
+               'test_split_hash': run.data.test_split_hash, 'test_rows': int(len(run.data.test_idx)), 'stages': stages}
     rows = pd.DataFrame([flatten_stage(s, args.label_columns) for s in stages])
-    rows.insert(0, 'pipeline', args.pipeline)
-    tmp_csv = os.path.join(args.output_dir, RESULTS_CSV + '.tmp')
-    rows.to_csv(tmp_csv, index=False)
-    os.replace(tmp_csv, os.path.join(args.output_dir, RESULTS_CSV))
-    write_json_atomically(os.path.join(args.output_dir, RESULTS_JSON), payload)
+    rows.insert(0, 'pipeline', pipeline)
+    rows.to_csv(os.path.join(folder, RESULTS_CSV + '.tmp'), index=False)
+    os.replace(os.path.join(folder, RESULTS_CSV + '.tmp'), os.path.join(folder, RESULTS_CSV))
+    write_json_atomically(os.path.join(folder, RESULTS_JSON), payload)
 
 
-def write_model_card(model_dir: str, args, result: Dict) -> None:
-    lines = [f'# {args.pipeline} / {result["stage"]}', '',
-             f'Multi-label text classifier ({", ".join(args.label_columns)}) made by research_main.py '
-             f'(pipeline `{args.pipeline}`, stage `{result["stage"]}`) for {args.author_name}.', '',
-             f'Teacher: `{args.teacher_checkpoint or args.teacher_path}`. Data: `{args.dataset_path}`.', '',
-             '| metric | value |', '|---|---|']
-    for key in ('f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'roc_auc_macro', 'size_mb', 'params_nonzero',
-                'sparsity_overall', 'latency_ms_p50'):
-        lines.append(f'| {key} | {result.get(key)} |')
-    lines += ['', 'Load it:', '', '```python', 'from research_inference import load_compressed_model',
-              f"model = load_compressed_model('{model_dir}')", "model.predict(['...'])", '```', '']
-    with open(os.path.join(model_dir, 'README.md'), 'w', encoding='utf-8') as fh:
-        fh.write('\n'.join(lines))
+def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], nodes) -> None:
+    """Copy the final stage (every stage with --save_all_stages) out of the stage store into
+    `folder/stages/<stage>/`, with a model card; other stages get model_dir null."""
+    from research_report import write_model_card
+    from research_stages import link_or_copy_tree
+    for i, (stage, node) in enumerate(zip(stages, nodes)):
+        if not (args.save_all_stages or i == len(stages) - 1):
+            stage['model_dir'] = None
+            continue
+        target = os.path.join(folder, 'stages', stage['stage'])
+        link_or_copy_tree(node.path, target)
+        stage['model_dir'] = os.path.abspath(target)
+        write_model_card(target, pipeline, stage, vars(args))
 
 
 # ---------------------------------------------------------------------------------------------
-# The pipeline
+# The plan: every (fold, seed) run of every requested pipeline, each distinct stage run once
 # ---------------------------------------------------------------------------------------------
 
-def run_pipeline(args) -> List[Dict]:
-    from transformers import set_seed
-    from research_data import positive_class_weights, prepare_data, tokenized_splits
-    from research_inference import save_hf_classifier
-    from research_kd import check_kd_method, distill_student
-    from research_pruning import check_prune_method, prune_and_fine_tune, selected_weight_names
-    from research_quantization import check_quant_method, quantize_and_save
+@dataclass
+class Run:
+    fold: int
+    seed: int
+    data: object
+    stages: Dict[str, List[Dict]]   # pipeline -> evaluated stages
+    nodes: Dict[str, list]          # pipeline -> stage nodes
+    events: List[Dict]
 
-    # Fail fast on a method that cannot run, before any training.
-    if args.enable_kd:
+
+def check_methods(args, pipelines: List[str]) -> None:
+    """Fail fast on a method that cannot run here, before any training."""
+    from research_kd import check_kd_method
+    from research_pruning import check_prune_method
+    from research_quantization import check_quant_method
+    configs = [PIPELINE_CONFIGS[p] for p in pipelines]
+    if any(c['enable_kd'] for c in configs):
         check_kd_method(args.kd_method)
-    if args.enable_pruning:
+    if any(c['enable_pruning'] for c in configs):
         check_prune_method(args.prune_method)
-    if args.enable_quantization:
+    if any(c['enable_quantization'] for c in configs):
         check_quant_method(args.quant_method)
 
-    set_seed(args.seed)
-    data = prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, args.eval_fold,
-                        args.data_fraction, args.val_fraction, args.seed)
-    pos_weight = positive_class_weights(data.labels[data.train_idx])
-    plan = planned_stages(args)
-    stages: List[Dict] = []
-    work = os.path.join(args.output_dir, 'work')
 
-    def record(stage, model, tokenizer, splits, extra=None, saved_info=None):
-        """Save the stage (unless the quantizer already did), evaluate it from disk, keep or drop it."""
-        path = stage_dir(args, stage)
-        info = stage_info(args, stage, data)
-        if saved_info is None:
-            save_hf_classifier(model, tokenizer, path, info)
-        else:
-            from research_inference import write_info
-            write_info(path, {**info, **saved_info})
-        result = evaluate_stage(args, stage, path, selected_weight_names(model, args.prune_layers), splits.test, extra)
-        keep = args.save_all_stages or stage == plan[-1]
-        result['model_dir'] = os.path.abspath(path) if keep else None
-        if keep:
-            write_model_card(path, args, result)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-        stages.append(result)
+def run_plan(args, pipelines: List[str]) -> List[Run]:
+    from research_data import prepare_data
+    from research_eval import add_relative_metrics
+    from research_stages import StageRunner, StageStore
+    store = StageStore(os.path.join(args.cache_dir, 'stages'))
+    folds = list(range(args.num_folds)) if args.run_full_kfold else [args.eval_fold]
+    runs = []
+    for fold in folds:
+        data = prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, fold,
+                            args.data_fraction, args.val_fraction, args.seed)
+        for seed in args.seeds:
+            args.train_seed = seed
+            runner = StageRunner(args, data, store)
+            runner.plan(pipelines)
+            label = f'fold {fold + 1}/{len(folds)}, seed {seed}' if len(folds) * len(args.seeds) > 1 else ''
+            nodes = {p: runner.run_pipeline(p, label) for p in pipelines}
+            # Measure after every stage exists, all in this process, so latencies compare side by side.
+            stages = {p: add_relative_metrics([runner.evaluate(n) for n in ns]) for p, ns in nodes.items()}
+            runs.append(Run(fold, seed, data, stages, nodes, runner.events))
+    return runs
 
-    # Teacher (baseline)
-    teacher, teacher_tokenizer = obtain_teacher(args, data)
-    teacher_splits = tokenized_splits(data, teacher_tokenizer, args.max_length, args.cache_dir)
-    record('baseline', teacher, teacher_tokenizer, teacher_splits)
-    model, tokenizer, splits = teacher, teacher_tokenizer, teacher_splits
 
-    # Knowledge distillation: the student replaces the teacher for every later stage
-    if args.enable_kd:
-        from research_inference import TorchClassifier
-        student, student_tokenizer = build_student(args, teacher, teacher_tokenizer)
-        student_splits = tokenized_splits(data, student_tokenizer, args.max_length, args.cache_dir)
-        teacher_classifier = TorchClassifier(teacher, teacher_tokenizer, args.label_columns, args.max_length, args.threshold, {})
-        model = distill_student(student, student_tokenizer, student_splits, teacher_classifier, teacher_splits.train,
-                                pos_weight, args, os.path.join(work, 'kd'))
-        tokenizer, splits = student_tokenizer, student_splits
-        record('kd', model, tokenizer, splits)
-
-    # Pruning (+ fine-tuning with masks held)
-    if args.enable_pruning:
-        model, report = prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, os.path.join(work, 'prune'))
-        record('prune', model, tokenizer, splits, extra=report)
-
-    # Quantization: the quantizer writes its own artifact
-    if args.enable_quantization:
-        saved = quantize_and_save(model, tokenizer, stage_dir(args, 'quant'), args, splits.train)
-        record('quant', model, tokenizer, splits, saved_info=saved)
-
-    shutil.rmtree(work, ignore_errors=True)
-    return stages, data
+def write_outputs(args, pipelines: List[str], runs: List[Run]) -> None:
+    from research_report import final_stage_row, summarize_runs, write_plots, write_summary
+    single = len(runs) == 1 and not args.run_ablation
+    rows = []
+    for run in runs:
+        run_dir = args.output_dir if len(runs) == 1 else os.path.join(args.output_dir, 'runs', f'fold{run.fold}_seed{run.seed}')
+        for pipeline in pipelines:
+            folder = run_dir if single else os.path.join(run_dir, 'pipelines', pipeline)
+            stages = run.stages[pipeline]
+            export_stage_models(folder, args, pipeline, stages, run.nodes[pipeline])
+            write_pipeline_results(folder, args, pipeline, stages, run)
+            rows.append(final_stage_row(pipeline, stages, args.label_columns, f'fold{run.fold}_seed{run.seed}'))
+    log = [{'fold': r.fold, 'seed': r.seed, **e} for r in runs for e in r.events]
+    write_json_atomically(os.path.join(args.output_dir, 'stage_log.json'), log)
+    if single:
+        return
+    summary = summarize_runs(rows)
+    write_summary(summary, args.output_dir, args.label_columns, split_note(runs))
+    write_plots(summary, args.output_dir, args.label_columns)
+    print('\n' + open(os.path.join(args.output_dir, 'ablation_summary.md'), encoding='utf-8').read())
 
 
 def main(args_list: Optional[List[str]] = None) -> int:
     try:
+        # Arguments, output folder, configuration (printed and saved before any long work)
         args = parse_compression_arguments(args_list)
         args.tool = TOOL_MARKER
+        pipelines = args.ablation_pipelines if args.run_ablation else [args.pipeline]
         prepare_output_dir(args)
         print_compression_config(args)
         save_config(args, os.path.join(args.output_dir, CONFIG_JSON))
+        check_methods(args, pipelines)
         started = time.time()
-        from research_eval import add_relative_metrics, format_stage_table
-        stages, data = run_pipeline(args)
-        stages = add_relative_metrics(stages)
-        write_results(args, stages, data)
-        print('\n' + format_stage_table(stages))
-        print(f'\n[done] {args.pipeline} in {time.time() - started:.0f} s; results in '
-              f'{os.path.join(args.output_dir, RESULTS_JSON)}')
+
+        # Stages (shared between pipelines, reused from the stage store), then evaluation of each
+        runs = run_plan(args, pipelines)
+
+        # Results, ablation summary and plots
+        write_outputs(args, pipelines, runs)
+        from research_eval import format_stage_table
+        if len(runs) == 1 and not args.run_ablation:
+            print('\n' + format_stage_table(runs[0].stages[args.pipeline]))
+        trained = sum(1 for r in runs for e in r.events if not e['reused'])
+        print(f'\n[done] {", ".join(pipelines)} in {time.time() - started:.0f} s ({trained} stage(s) run, the rest '
+              f'reused); results in {args.output_dir}')
     except UsageError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return exc.exit_code

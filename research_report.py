@@ -1,0 +1,296 @@
+"""Reports: the ablation summary (CSV + Markdown, mean +- std over seeds/folds), the Pareto plots, model
+cards, and an aggregator that combines the results of several runs (e.g. a bash sweep over --kd_alpha).
+
+    python research_report.py runs/alpha_0.3 runs/alpha_0.5 runs/alpha_0.7 --output runs/alpha_sweep
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Dict, List, Sequence
+
+import numpy as np
+import pandas as pd
+
+SUMMARY_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'compression_ratio', 'params_nonzero',
+                   'sparsity_overall', 'latency_ms_p50', 'speedup']
+DELTA_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'latency_ms_p50']
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary table
+# ---------------------------------------------------------------------------------------------
+
+def final_stage_row(pipeline: str, stages: List[Dict], label_names: Sequence[str], run: str) -> Dict:
+    """One row per pipeline run: the final stage's metrics, per-label F1 and deltas against the baseline."""
+    final, base = stages[-1], stages[0]
+    row = {'pipeline': pipeline, 'run': run}
+    row.update({m: final.get(m) for m in SUMMARY_METRICS})
+    row.update({f'f1_{label}': final['per_label'][label]['f1'] for label in label_names})
+    row.update({f'delta_{m}': final[m] - base[m] for m in DELTA_METRICS})
+    return row
+
+
+def summarize_runs(rows: List[Dict]) -> pd.DataFrame:
+    """Mean and (when there are several runs per pipeline) standard deviation of every column, in the
+    order the pipelines first appear."""
+    frame = pd.DataFrame(rows)
+    order = list(dict.fromkeys(frame['pipeline']))
+    numeric = [c for c in frame.columns if c not in ('pipeline', 'run')]
+    grouped = frame.groupby('pipeline', sort=False)[numeric]
+    summary = grouped.mean()
+    if frame.groupby('pipeline').size().max() > 1:
+        spread = grouped.std(ddof=1).add_suffix('_std')
+        summary = summary.join(spread)
+    summary.insert(0, 'runs', frame.groupby('pipeline', sort=False).size())
+    return summary.loc[order].reset_index()
+
+
+def _cell(value, std=None, spec='.4f'):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return '-'
+    text = format(value, spec)
+    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+        text += f' ± {format(std, spec)}'
+    return text
+
+
+def summary_markdown(summary: pd.DataFrame, label_names: Sequence[str], split_note: str) -> str:
+    columns = [('f1_macro', '.4f'), ('delta_f1_macro', '+.4f'), ('f1_weighted', '.4f'), ('f1_micro', '.4f'),
+               ('exact_match', '.4f'), ('size_mb', '.2f'), ('compression_ratio', '.2f'), ('params_nonzero', ',.0f'),
+               ('sparsity_overall', '.1%'), ('latency_ms_p50', '.2f'), ('speedup', '.2f')]
+    columns += [(f'f1_{label}', '.3f') for label in label_names]
+    header = ['pipeline', 'runs'] + [c for c, _ in columns]
+    lines = [f'Scored on {split_note}. Cells are mean ± std over runs where there are several; deltas are against '
+             '`baseline` (the teacher) of the same run.', '',
+             '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for _, row in summary.iterrows():
+        cells = [row['pipeline'], str(int(row['runs']))]
+        cells += [_cell(row.get(c), row.get(f'{c}_std'), spec) for c, spec in columns]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def write_summary(summary: pd.DataFrame, output_dir: str, label_names: Sequence[str], split_note: str,
+                  basename: str = 'ablation_summary') -> None:
+    summary.to_csv(os.path.join(output_dir, f'{basename}.csv'), index=False)
+    with open(os.path.join(output_dir, f'{basename}.md'), 'w', encoding='utf-8') as fh:
+        fh.write(summary_markdown(summary, label_names, split_note))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+def pareto_front(cost: np.ndarray, quality: np.ndarray) -> np.ndarray:
+    """Indices of points no other point beats on both axes (lower cost and higher quality), by cost."""
+    order = np.lexsort((-quality, cost))
+    front, best = [], -np.inf
+    for i in order:
+        if quality[i] > best:
+            front.append(i)
+            best = quality[i]
+    return np.asarray(front, dtype=int)
+
+
+def plot_quality_vs_cost(summary: pd.DataFrame, cost: str, xlabel: str, path: str, log_x: bool = False) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    x, y = summary[cost].to_numpy(float), summary['f1_macro'].to_numpy(float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xerr = summary.get(f'{cost}_std')
+    yerr = summary.get('f1_macro_std')
+    ax.errorbar(x, y, xerr=None if xerr is None else xerr.to_numpy(float), yerr=None if yerr is None else yerr.to_numpy(float),
+                fmt='o', color='tab:blue', ecolor='lightgray', capsize=2)
+    for xi, yi, name in zip(x, y, summary['pipeline']):
+        ax.annotate(name, (xi, yi), textcoords='offset points', xytext=(4, 4), fontsize=8)
+    front = pareto_front(x, y)
+    ax.plot(x[front], y[front], '--', color='tab:red', label='Pareto front')
+    ax.scatter(x[front], y[front], s=90, facecolors='none', edgecolors='tab:red')
+    if log_x:
+        ax.set_xscale('log')
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel('macro-F1 (test)')
+    ax.grid(alpha=0.3)
+    ax.legend(loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_per_label_f1(summary: pd.DataFrame, label_names: Sequence[str], path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(summary)), 4.4))
+    width = 0.8 / len(label_names)
+    positions = np.arange(len(summary))
+    for j, label in enumerate(label_names):
+        ax.bar(positions + j * width, summary[f'f1_{label}'], width, label=label)
+    ax.set_xticks(positions + width * (len(label_names) - 1) / 2)
+    ax.set_xticklabels(summary['pipeline'], rotation=30, ha='right')
+    ax.set_ylabel('F1 (test)')
+    ax.set_ylim(0, 1)
+    ax.legend(ncol=len(label_names), fontsize=8, loc='upper center', bbox_to_anchor=(0.5, 1.12))
+    ax.grid(axis='y', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_plots(summary: pd.DataFrame, output_dir: str, label_names: Sequence[str]) -> List[str]:
+    paths = [os.path.join(output_dir, name) for name in ('f1_vs_size.png', 'f1_vs_latency.png', 'per_label_f1.png')]
+    plot_quality_vs_cost(summary, 'size_mb', 'size on disk (MB)', paths[0])
+    plot_quality_vs_cost(summary, 'latency_ms_p50', 'CPU latency p50 (ms)', paths[1])
+    plot_per_label_f1(summary, label_names, paths[2])
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------------------------
+
+def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str:
+    """README.md for a saved model: what it is, how it was made, its metrics, the line that loads it."""
+    settings = {'teacher': config.get('teacher_checkpoint') or config.get('teacher_path')}
+    if 'kd' in pipeline:
+        settings.update({k: config.get(k) for k in ('student_layers', 'student_path', 'kd_method', 'kd_alpha',
+                                                     'kd_temperature', 'epochs')})
+    if 'prune' in pipeline:
+        settings.update({k: config.get(k) for k in ('prune_method', 'prune_sparsity', 'prune_layers', 'prune_schedule',
+                                                     'fine_tune_after_prune', 'fine_tune_epochs')})
+    if 'quant' in pipeline:
+        settings.update({k: config.get(k) for k in ('quant_method', 'quant_dtype')})
+    lines = [f'# {pipeline}: {result["stage"]} model', '',
+             f'A multi-label text classifier ({", ".join(config["label_columns"])}; sigmoid outputs, threshold '
+             f'{config.get("threshold", 0.5)}) produced by the `{pipeline}` pipeline of this tool '
+             f'(stage `{result["stage"]}`), for {config.get("author_name")}.', '',
+             '## How it was made', '', f'Data: `{config.get("dataset_path")}` (max_length {config.get("max_length")}, '
+             f'seed {config.get("seed")}).', '']
+    lines += [f'- {k}: `{v}`' for k, v in settings.items() if v is not None]
+    lines += ['', '## Metrics (test split)', '', '| metric | value |', '|---|---|']
+    for key in ('f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro', 'size_mb',
+                'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall', 'latency_ms_p50',
+                'latency_ms_p95', 'compression_ratio', 'speedup'):
+        value = result.get(key)
+        lines.append(f'| {key} | {value:.4g} |' if isinstance(value, float) else f'| {key} | {value} |')
+    lines += ['', '| label | precision | recall | F1 | ROC-AUC |', '|---|---|---|---|---|']
+    for label, m in result['per_label'].items():
+        auc = '-' if m['roc_auc'] is None else f'{m["roc_auc"]:.3f}'
+        lines.append(f'| {label} | {m["precision"]:.3f} | {m["recall"]:.3f} | {m["f1"]:.3f} | {auc} |')
+    lines += ['', f'Latency: batch {result.get("latency_batch_size")} x {result.get("latency_seq_len")} tokens on '
+              f'{result.get("latency_device")}.', '', '## Load it', '', '```python',
+              'from research_inference import load_compressed_model',
+              f"model = load_compressed_model('{model_dir}')", "model.predict(['...'])  # [{label: probability}]", '```', '']
+    return '\n'.join(lines)
+
+
+def write_model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> None:
+    with open(os.path.join(model_dir, 'README.md'), 'w', encoding='utf-8') as fh:
+        fh.write(model_card(model_dir, pipeline, result, config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregating several runs (a bash sweep)
+# ---------------------------------------------------------------------------------------------
+
+def find_results(paths: Sequence[str]) -> List[str]:
+    found = []
+    for path in paths:
+        if os.path.isfile(path):
+            found.append(path)
+            continue
+        for root, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if d not in ('previous_runs', 'stages', 'model')]
+            if 'results_final.json' in files:
+                found.append(os.path.join(root, 'results_final.json'))
+    return sorted(found)
+
+
+def run_config(results_path: str) -> Dict:
+    """The config.json of the run a results file belongs to (the nearest one up the tree)."""
+    folder = os.path.dirname(os.path.abspath(results_path))
+    for _ in range(4):
+        candidate = os.path.join(folder, 'config.json')
+        if os.path.isfile(candidate):
+            with open(candidate, encoding='utf-8') as fh:
+                return json.load(fh)
+        folder = os.path.dirname(folder)
+    return {}
+
+
+def aggregate_runs(paths: Sequence[str]) -> pd.DataFrame:
+    """One row per results file (its final stage), plus the settings that differ between the runs."""
+    rows, configs = [], []
+    for path in find_results(paths):
+        with open(path, encoding='utf-8') as fh:
+            results = json.load(fh)
+        config = run_config(path)
+        labels = list(results['stages'][-1]['per_label'])
+        rows.append(final_stage_row(results['pipeline'], results['stages'], labels, os.path.dirname(path)))
+        configs.append(config)
+    if not rows:
+        raise SystemExit('error: no results_final.json found under the given paths.')
+    ignore = {'output_dir', 'overwrite_output_dir', 'tool', 'ablation_pipelines', 'run_ablation', 'save_all_stages'}
+    keys = sorted({k for c in configs for k in c} - ignore)
+    varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    frame = pd.DataFrame(rows)
+    for k in reversed(varying):
+        frame.insert(2, k, [json.dumps(c.get(k)) if isinstance(c.get(k), (list, dict)) else c.get(k) for c in configs])
+    return frame, varying
+
+
+def plot_sweep(frame: pd.DataFrame, parameter: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for pipeline, group in frame.groupby('pipeline', sort=False):
+        group = group.sort_values(parameter)
+        ax.plot(group[parameter], group['f1_macro'], 'o-', label=pipeline)
+    ax.set_xlabel(parameter)
+    ax.set_ylabel('macro-F1 (test)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description='Combine the results of several runs of research_main.py into one '
+                                                 'table (CSV + Markdown) and plots.')
+    parser.add_argument('paths', nargs='+', help='Run folders (searched recursively for results_final.json) or files.')
+    parser.add_argument('--output', default='report', help='Folder for report.csv, report.md and the plots.')
+    parsed = parser.parse_args(argv)
+    frame, varying = aggregate_runs(parsed.paths)
+    os.makedirs(parsed.output, exist_ok=True)
+    frame.to_csv(os.path.join(parsed.output, 'report.csv'), index=False)
+    shown = ['pipeline'] + varying + ['f1_macro', 'delta_f1_macro', 'size_mb', 'sparsity_overall', 'latency_ms_p50', 'speedup']
+    table = markdown_table(frame[shown])
+    with open(os.path.join(parsed.output, 'report.md'), 'w', encoding='utf-8') as fh:
+        fh.write(table + '\n')
+    print(table)
+    numeric = [p for p in varying if pd.api.types.is_numeric_dtype(frame[p])]
+    for parameter in numeric:
+        plot_sweep(frame, parameter, os.path.join(parsed.output, f'f1_vs_{parameter}.png'))
+    summary = frame.groupby('pipeline', sort=False)[['f1_macro', 'size_mb', 'latency_ms_p50']].mean().reset_index()
+    if len(summary) > 1:
+        plot_quality_vs_cost(summary, 'size_mb', 'size on disk (MB)', os.path.join(parsed.output, 'f1_vs_size.png'))
+    print(f'\n{len(frame)} runs; varying settings: {", ".join(varying) or "none"}; written to {parsed.output}/')
+    return 0
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    def cell(v):
+        return f'{v:.4f}' if isinstance(v, float) else str(v)
+    lines = ['| ' + ' | '.join(frame.columns) + ' |', '|' + '---|' * len(frame.columns)]
+    lines += ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in frame.itertuples(index=False)]
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
