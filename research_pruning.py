@@ -43,6 +43,16 @@ def select_linear_layers(model: nn.Module, group: str) -> Dict[str, nn.Linear]:
             if isinstance(module, nn.Linear) and linear_role(name) in roles}
 
 
+def linear_weight_roles(model: nn.Module) -> Dict[str, str]:
+    """`<module>.weight` -> role of every Linear layer; stored with each stage so sparsity of any
+    `--prune_layers` group can be counted later, even from a quantized file."""
+    return {f'{name}.weight': linear_role(name) for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+def weight_names_in_group(roles: Dict[str, str], group: str) -> List[str]:
+    return [name for name, role in roles.items() if role in PRUNE_LAYER_GROUPS[group]]
+
+
 def selected_weight_names(model: nn.Module, group: str) -> List[str]:
     """Parameter names (`<module>.weight`) of the selected layers, for sparsity accounting."""
     return [f'{name}.weight' for name in select_linear_layers(model, group)]

@@ -19,6 +19,7 @@ from research_compression_config import PIPELINE_CONFIGS, parse_student_layers
 from research_errors import UsageError
 
 COMPLETE_MARKER = 'STAGE_COMPLETE'
+STAGE_FORMAT = 2  # bump when what a stored stage holds changes, so older stores are not misread
 META_FILE = 'stage_meta.json'
 
 # Settings that never change what a stage produces (where results go, how they are measured).
@@ -69,7 +70,8 @@ def stage_settings(args, kind: str) -> Dict:
 
 
 def stage_key(args, kind: str, parent_key: str, data_key: str = '') -> str:
-    payload = {'kind': kind, 'parent': parent_key, 'data': data_key, 'settings': stage_settings(args, kind)}
+    payload = {'format': STAGE_FORMAT, 'kind': kind, 'parent': parent_key, 'data': data_key,
+               'settings': stage_settings(args, kind)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -173,7 +175,7 @@ def produce_teacher(args, data, path, parent=None, teacher=None) -> Dict:
     from research_data import positive_class_weights, tokenized_splits
     from research_inference import save_hf_classifier
     from research_models import load_encoder_for_classification, load_fine_tuned_classifier
-    from research_pruning import selected_weight_names
+    from research_pruning import linear_weight_roles
     from research_training import train_classifier
     if args.teacher_checkpoint:
         check_teacher_split(args, data)
@@ -186,7 +188,7 @@ def produce_teacher(args, data, path, parent=None, teacher=None) -> Dict:
         model, _ = train_classifier(model, tokenizer, splits.train, splits.val, positive_class_weights(data.labels[data.train_idx]),
                                     args, os.path.join(path, 'work'), args.teacher_epochs, args.lr)
     save_hf_classifier(model, tokenizer, path, stage_info(args, 'baseline', data))
-    return {'pruned_layer_names': selected_weight_names(model, args.prune_layers)}
+    return {'linear_roles': linear_weight_roles(model)}
 
 
 def produce_student(args, data, path, parent, teacher) -> Dict:
@@ -196,7 +198,7 @@ def produce_student(args, data, path, parent, teacher) -> Dict:
     from research_inference import TorchClassifier, save_hf_classifier
     from research_kd import derive_student_from_teacher, distill_student
     from research_models import load_encoder_for_classification
-    from research_pruning import selected_weight_names
+    from research_pruning import linear_weight_roles
     teacher_model, teacher_tokenizer = load_torch_stage(teacher)
     if args.student_layers:
         student = derive_student_from_teacher(teacher_model, parse_student_layers(args.student_layers))
@@ -209,21 +211,20 @@ def produce_student(args, data, path, parent, teacher) -> Dict:
     student = distill_student(student, student_tokenizer, student_splits, teacher_classifier, teacher_splits.train,
                               positive_class_weights(data.labels[data.train_idx]), args, os.path.join(path, 'work'))
     save_hf_classifier(student, student_tokenizer, path, stage_info(args, 'kd', data))
-    return {'pruned_layer_names': selected_weight_names(student, args.prune_layers)}
+    return {'linear_roles': linear_weight_roles(student)}
 
 
 def produce_pruned(args, data, path, parent, teacher) -> Dict:
     """Prune the parent (teacher or student), fine-tune with masks held, make masks permanent."""
     from research_data import positive_class_weights, tokenized_splits
     from research_inference import save_hf_classifier
-    from research_pruning import prune_and_fine_tune, selected_weight_names
+    from research_pruning import linear_weight_roles, prune_and_fine_tune
     model, tokenizer = load_torch_stage(parent)
-    names = selected_weight_names(model, args.prune_layers)
     splits = tokenized_splits(data, tokenizer, args.max_length, args.cache_dir)
     model, report = prune_and_fine_tune(model, tokenizer, splits, positive_class_weights(data.labels[data.train_idx]),
                                         args, os.path.join(path, 'work'))
     save_hf_classifier(model, tokenizer, path, stage_info(args, 'prune', data))
-    return {'pruned_layer_names': names, 'report': report}
+    return {'linear_roles': linear_weight_roles(model), 'report': report}
 
 
 def produce_quantized(args, data, path, parent, teacher) -> Dict:
@@ -235,7 +236,7 @@ def produce_quantized(args, data, path, parent, teacher) -> Dict:
     splits = tokenized_splits(data, tokenizer, args.max_length, args.cache_dir)
     saved = quantize_and_save(model, tokenizer, path, args, splits.train)
     write_info(path, {**stage_info(args, 'quant', data), **saved})
-    return {'pruned_layer_names': parent.meta['pruned_layer_names']}
+    return {'linear_roles': parent.meta['linear_roles']}
 
 
 STAGE_PRODUCERS = {'teacher': produce_teacher, 'kd': produce_student, 'prune': produce_pruned, 'quant': produce_quantized}
@@ -299,11 +300,13 @@ class StageRunner:
         from research_data import tokenized_splits
         from research_eval import evaluate_saved_model
         from research_inference import load_compressed_model
+        from research_pruning import weight_names_in_group
         args = self.args
         classifier = load_compressed_model(node.path)
         test = tokenized_splits(self.data, classifier.tokenizer, args.max_length, args.cache_dir).test
         result = {'stage': STAGE_NAMES[node.kind]}
-        result.update(evaluate_saved_model(classifier, node.path, test, node.meta['pruned_layer_names'], args.threshold,
+        result.update(evaluate_saved_model(classifier, node.path, test,
+                                           weight_names_in_group(node.meta['linear_roles'], args.prune_layers), args.threshold,
                                            args.latency_batch_size, args.max_length, args.latency_runs))
         result.update(node.meta.get('report', {}))
         result.update({'stage_key': node.key, 'reused': node.reused})

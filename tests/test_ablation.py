@@ -90,7 +90,7 @@ def test_interrupted_stage_is_not_taken_as_stored(tmp_path):
     path = store.begin('kd', 'abc')
     open(os.path.join(path, 'model.safetensors'), 'w').close()  # a run killed mid-stage
     assert store.load('kd', 'abc') is None
-    store.complete('kd', 'abc', {'pruned_layer_names': []})
+    store.complete('kd', 'abc', {'linear_roles': {}})
     assert store.load('kd', 'abc').reused
 
 
