@@ -161,7 +161,7 @@ def run_pipeline(args) -> List[Dict]:
 
     # Fail fast on a method that cannot run, before any training.
     if args.enable_kd:
-        check_kd_method(args.kd_method)
+        check_kd_method(args)
     if args.enable_pruning:
         check_prune_method(args.prune_method)
     if args.enable_quantization:
@@ -201,12 +201,10 @@ def run_pipeline(args) -> List[Dict]:
 
     # Knowledge distillation: the student replaces the teacher for every later stage
     if args.enable_kd:
-        from research_inference import TorchClassifier
         student, student_tokenizer = build_student(args, teacher, teacher_tokenizer)
         student_splits = tokenized_splits(data, student_tokenizer, args.max_length, args.cache_dir)
-        teacher_classifier = TorchClassifier(teacher, teacher_tokenizer, args.label_columns, args.max_length, args.threshold, {})
-        model = distill_student(student, student_tokenizer, student_splits, teacher_classifier, teacher_splits.train,
-                                pos_weight, args, os.path.join(work, 'kd'))
+        model, _ = distill_student(student, student_tokenizer, student_splits, teacher, teacher_tokenizer, teacher_splits,
+                                   data, pos_weight, args, os.path.join(work, 'kd'))
         tokenizer, splits = student_tokenizer, student_splits
         record('kd', model, tokenizer, splits)
 
