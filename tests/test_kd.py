@@ -138,17 +138,22 @@ def test_each_method_trains_and_uses_its_terms(tmp_path, data, teacher, method):
 # ---------------------------------------------------------------------------------------------
 
 def test_loss_changes_with_alpha_temperature_and_weights(tmp_path, data, teacher):
+    from research_kd import distillation_plan
     teacher_tokenizer = teacher[1]
     student = small_student(teacher_tokenizer)
     base = dict(kd_method='multi_level', kd_alpha=0.7, kd_temperature=4.0, hidden_loss_weight=0.3, attention_loss_weight=0.2)
     variants = {'base': {}, 'alpha': {'kd_alpha': 0.3}, 'temperature': {'kd_temperature': 2.0},
                 'hidden_weight': {'hidden_loss_weight': 0.9}, 'attention_weight': {'attention_loss_weight': 0.6}}
-    batch = None
+    args = kd_args(tmp_path, **base)
+    trainer = build_trainer(args, student, teacher_tokenizer, teacher, tmp_path)
+    batch = first_batch(splits_of(data, teacher_tokenizer, args), teacher_tokenizer)
     losses = {}
     for name, change in variants.items():
-        args = kd_args(tmp_path, **{**base, **change})
-        batch = batch or first_batch(splits_of(data, teacher_tokenizer, args), teacher_tokenizer)
-        losses[name] = loss_and_grads(build_trainer(args, student, teacher_tokenizer, teacher, tmp_path), batch)[0]
+        # The trainer reads the settings as distill_student passes them from the arguments.
+        changed = kd_args(tmp_path, **{**base, **change})
+        trainer.kd_alpha, trainer.kd_temperature = changed.kd_alpha, changed.kd_temperature
+        trainer.matches = distillation_plan(changed, student, teacher[0], teacher_tokenizer, teacher_tokenizer)[0]
+        losses[name] = loss_and_grads(trainer, batch)[0]
     for name in variants:
         if name != 'base':
             assert abs(losses[name] - losses['base']) > 1e-5, (name, losses)
@@ -166,8 +171,11 @@ def test_alpha_one_ignores_labels_and_alpha_zero_ignores_the_teacher(tmp_path, d
     flipped_labels = {**batch, 'labels': 1.0 - batch['labels']}
     other_teacher = {**batch, 'teacher_logits': torch.as_tensor(rng.normal(size=(8, len(LABELS))) * 3, dtype=torch.float32)}
 
+    trainer = build_trainer(args, student, teacher_tokenizer, teacher, tmp_path)
+
     def trainer_with(alpha):
-        return build_trainer(kd_args(tmp_path, kd_alpha=alpha), student, teacher_tokenizer, teacher, tmp_path)
+        trainer.kd_alpha = kd_args(tmp_path, kd_alpha=alpha).kd_alpha
+        return trainer
 
     # alpha = 1: changing the labels changes neither the loss nor any gradient; changing the teacher does.
     t1 = trainer_with(1.0)
@@ -344,13 +352,19 @@ def test_hidden_across_tokenizers_compares_first_token_only(tmp_path, data, teac
     torch.manual_seed(0)
     states_S = tuple(torch.randn(2, 7, 24) for _ in range(3))
     states_T = tuple(torch.randn(2, 9, 96) for _ in range(5))             # other sequence length, width, depth
-    loss = float(trainer.feature_terms(SimpleNamespace(hidden_states=states_S), SimpleNamespace(hidden_states=states_T),
-                                       torch.ones(2, 7))['hidden'])
+
+    def hidden_term(student_states):
+        with torch.no_grad():
+            return float(trainer.feature_terms(SimpleNamespace(hidden_states=student_states),
+                                               SimpleNamespace(hidden_states=states_T), torch.ones(2, 7))['hidden'])
+    loss = hidden_term(states_S)
     moved = tuple(s.clone() for s in states_S)
     for s in moved:
         s[:, 1:] += 5.0                                                     # every token but the first
-    assert float(trainer.feature_terms(SimpleNamespace(hidden_states=moved), SimpleNamespace(hidden_states=states_T),
-                                       torch.ones(2, 7))['hidden']) == pytest.approx(loss)
+    assert hidden_term(moved) == pytest.approx(loss)
+    for s in moved:
+        s[:, 0] += 1.0                                                      # the first token counts
+    assert hidden_term(moved) > loss * 1.05
     # And it trains end to end, the teacher reading its own tokens.
     student_splits = splits_of(data, student_tokenizer, args)
     teacher_splits = splits_of(data, teacher_tokenizer, args)
@@ -390,18 +404,19 @@ def test_teacher_logit_cache_is_used_and_invalidated(tmp_path, data, teacher):
     splits = splits_of(data, teacher_tokenizer, args)
     pos_weight = positive_class_weights(data.labels[data.train_idx])
 
-    def distill():
+    def distill(epochs):
         calls.clear()
         distill_student(small_student(teacher_tokenizer), teacher_tokenizer, splits, teacher_model, teacher_tokenizer,
-                        splits, data, pos_weight, args, str(tmp_path / 'work'))
+                        splits, data, pos_weight, argparse_like(args, args.max_length, epochs=epochs),
+                        str(tmp_path / 'work'))
         return len(calls)
 
     # First run: the teacher sees the training rows once (batches of 64), not once per epoch.
-    assert distill() == math.ceil(len(data.train_idx) / 64)
+    assert distill(epochs=2) == math.ceil(len(data.train_idx) / 64)
     cached = [f for f in os.listdir(args.cache_dir) if f.startswith('teacher_logits_')]
     assert len(cached) == 1
     # Second run: read from disk, the teacher never runs.
-    assert distill() == 0
+    assert distill(epochs=1) == 0
 
     def lookup(model=teacher_model, tokenizer=teacher_tokenizer, prepared=data, max_length=args.max_length):
         calls.clear()
@@ -434,9 +449,11 @@ def test_teacher_logit_cache_is_used_and_invalidated(tmp_path, data, teacher):
     assert lookup()[1]
 
 
-def argparse_like(args, max_length):
+def argparse_like(args, max_length, **changes):
     changed = copy.copy(args)
     changed.max_length = max_length
+    for key, value in changes.items():
+        setattr(changed, key, value)
     return changed
 
 
