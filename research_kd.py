@@ -189,7 +189,7 @@ def uniform_layer_choice(teacher_layers: int, student_layers: int) -> List[int]:
 def default_layer_pairs(student_depth: int, teacher_depth: int, derived_from: Optional[Sequence[int]] = None):
     """Student layer i -> the teacher layer it was copied from (derived student), else TinyBERT's uniform
     mapping i -> round((i+1) * L_T / L_S) - 1."""
-    if derived_from is not None and len(derived_from) == student_depth:
+    if derived_from is not None and len(derived_from) == student_depth and all(0 <= t < teacher_depth for t in derived_from):
         return list(enumerate(int(t) for t in derived_from))
     if student_depth > teacher_depth:
         raise UsageError(f'The student has more layers ({student_depth}) than the teacher ({teacher_depth}), so there is '
@@ -279,7 +279,7 @@ def weights_fingerprint(model) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f'{name}|{tensor.dtype}|{tuple(tensor.shape)}'.encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
     return digest.hexdigest()[:16]
 
 
@@ -395,7 +395,9 @@ class DistillationTrainer(MultiLabelTrainer):
         self.kd_temperature = kd_temperature
         self.matches = list(matches)
         self.tokens_aligned = tokens_aligned
-        self.last_terms: Dict[str, float] = {}
+        self.last_terms: Dict[str, torch.Tensor] = {}
+        self.term_sums: Dict[str, torch.Tensor] = {}
+        self.term_steps = 0
         self.teacher = None
         self.projections = torch.nn.ModuleDict()
         self.previous_attention: Dict[int, tuple] = {}
@@ -497,8 +499,18 @@ class DistillationTrainer(MultiLabelTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         terms, outputs = self.distillation_terms(model, inputs)
         loss = sum(terms.values())
-        self.last_terms = {name: float(value.detach()) for name, value in terms.items()}
+        self.last_terms = {name: value.detach() for name, value in terms.items()}
+        for name, value in self.last_terms.items():
+            self.term_sums[name] = self.term_sums.get(name, 0.0) + value
+        self.term_steps += 1
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        """Training logs also show each weighted term's mean since the last log (kd_labels, kd_logit, ...)."""
+        if 'loss' in logs and self.term_steps:
+            logs.update({f'kd_{name}': round(float(total) / self.term_steps, 4) for name, total in self.term_sums.items()})
+            self.term_sums, self.term_steps = {}, 0
+        super().log(logs, *args, **kwargs)
 
 
 def distillation_plan(args, student, teacher, student_tokenizer, teacher_tokenizer) -> Tuple[List[FeatureMatch], bool]:
