@@ -116,7 +116,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     kd.add_argument('--kd_method', type=str, default='logit', choices=list(KD_METHODS),
                     help="'logit': soft targets only (teacher logits cached in --cache_dir); 'hidden': + MSE between "
                          "mapped hidden states (learned projection when widths differ); 'attention': + KL between "
-                         "mapped head-averaged attention maps (needs a shared tokenizer); 'multi_level': all three.")
+                         "mapped head-averaged attention maps; 'multi_level': all three. attention and multi_level need "
+                         'teacher and student to share a tokenizer (e.g. a derived student, --student_layers).')
     kd.add_argument('--hidden_loss_weight', type=float, default=0.3, help='Weight of the hidden-state term (hidden, multi_level).')
     kd.add_argument('--attention_loss_weight', type=float, default=0.2, help='Weight of the attention term (attention, multi_level).')
     kd.add_argument('--kd_layer_map', type=str, default=None,
