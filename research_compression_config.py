@@ -11,7 +11,7 @@ import os
 from typing import List, Optional
 
 from research_errors import UsageError
-from research_kd import KD_METHODS
+from research_kd import KD_METHODS, parse_layer_map
 from research_pruning import PRUNE_LAYER_GROUPS, PRUNE_METHODS, PRUNE_SCHEDULES
 from research_quantization import QUANT_DTYPES, QUANT_METHODS
 
@@ -117,14 +117,20 @@ def build_argument_parser() -> argparse.ArgumentParser:
                        help='Disable fp16/bf16 mixed precision (only used on GPU).')
 
     kd = parser.add_argument_group('knowledge distillation')
-    kd.add_argument('--kd_alpha', type=float, default=0.7, help='Weight of the teacher term; 1-alpha weights the labels.')
-    kd.add_argument('--kd_temperature', type=float, default=4.0)
-    kd.add_argument('--kd_method', type=str, default='logit', choices=list(KD_METHODS))
-    kd.add_argument('--hidden_loss_weight', type=float, default=0.3)
-    kd.add_argument('--attention_loss_weight', type=float, default=0.2)
+    kd.add_argument('--kd_alpha', type=float, default=0.7,
+                    help='Weight of the soft-target (logit) term; 1-alpha weights the labels. The hidden and '
+                         'attention terms are added with their own weights.')
+    kd.add_argument('--kd_temperature', type=float, default=4.0, help='Temperature T of the per-label sigmoid soft targets.')
+    kd.add_argument('--kd_method', type=str, default='logit', choices=list(KD_METHODS),
+                    help="'logit': soft targets only (teacher logits cached in --cache_dir); 'hidden': + MSE between "
+                         "mapped hidden states (learned projection when widths differ); 'attention': + KL between "
+                         "mapped head-averaged attention maps; 'multi_level': all three. attention and multi_level need "
+                         'teacher and student to share a tokenizer (e.g. a derived student, --student_layers).')
+    kd.add_argument('--hidden_loss_weight', type=float, default=0.3, help='Weight of the hidden-state term (hidden, multi_level).')
+    kd.add_argument('--attention_loss_weight', type=float, default=0.2, help='Weight of the attention term (attention, multi_level).')
     kd.add_argument('--kd_layer_map', type=str, default=None,
-                    help="Student:teacher layer pairs for hidden/attention KD, e.g. '0:1,1:3,2:5' "
-                         '(default: uniform, as in TinyBERT).')
+                    help="Student:teacher pairs of 0-based encoder layers for hidden/attention KD, e.g. '0:1,1:3,2:5' "
+                         '(default: the layers a derived student was copied from, else uniform as in TinyBERT).')
 
     prune = parser.add_argument_group('pruning')
     prune.add_argument('--prune_method', type=str, default='magnitude', choices=list(PRUNE_METHODS))
@@ -208,6 +214,10 @@ def validate_arguments(args: argparse.Namespace) -> None:
             raise UsageError(message)
     if args.student_layers is not None:
         parse_student_layers(args.student_layers)  # raises on a malformed value
+    if args.kd_layer_map:
+        parse_layer_map(args.kd_layer_map)  # raises on a malformed value
+    if args.hidden_loss_weight < 0 or args.attention_loss_weight < 0:
+        raise UsageError('--hidden_loss_weight and --attention_loss_weight must be >= 0.')
     if args.prune_end_epoch is not None and args.prune_end_epoch <= args.prune_start_epoch:
         raise UsageError('--prune_end_epoch must be after --prune_start_epoch.')
 

@@ -121,7 +121,7 @@ def check_methods(args, pipelines: List[str]) -> None:
     from research_quantization import check_quant_method
     configs = [PIPELINE_CONFIGS[p] for p in pipelines]
     if any(c['enable_kd'] for c in configs):
-        check_kd_method(args.kd_method)
+        check_kd_method(args)
     if any(c['enable_pruning'] for c in configs):
         check_prune_method(args.prune_method)
     if any(c['enable_quantization'] for c in configs):

@@ -195,7 +195,7 @@ def produce_student(args, data, path, parent, teacher) -> Dict:
     """KD: the student (derived from the teacher with --student_layers, or --student_path) trained on the
     labels and the teacher's soft targets; each model reads its own tokenization of the same texts."""
     from research_data import positive_class_weights, tokenized_splits
-    from research_inference import TorchClassifier, save_hf_classifier
+    from research_inference import save_hf_classifier
     from research_kd import derive_student_from_teacher, distill_student
     from research_models import load_encoder_for_classification
     from research_pruning import linear_weight_roles
@@ -207,9 +207,8 @@ def produce_student(args, data, path, parent, teacher) -> Dict:
         student, student_tokenizer = load_encoder_for_classification(args.student_path, args.label_columns, args.dropout)
     teacher_splits = tokenized_splits(data, teacher_tokenizer, args.max_length, args.cache_dir)
     student_splits = tokenized_splits(data, student_tokenizer, args.max_length, args.cache_dir)
-    teacher_classifier = TorchClassifier(teacher_model, teacher_tokenizer, args.label_columns, args.max_length, args.threshold, {})
-    student = distill_student(student, student_tokenizer, student_splits, teacher_classifier, teacher_splits.train,
-                              positive_class_weights(data.labels[data.train_idx]), args, os.path.join(path, 'work'))
+    student, _ = distill_student(student, student_tokenizer, student_splits, teacher_model, teacher_tokenizer, teacher_splits,
+                                 data, positive_class_weights(data.labels[data.train_idx]), args, os.path.join(path, 'work'))
     save_hf_classifier(student, student_tokenizer, path, stage_info(args, 'kd', data))
     return {'linear_roles': linear_weight_roles(student)}
 
