@@ -156,7 +156,7 @@ def run_pipeline(args) -> List[Dict]:
     from research_data import positive_class_weights, prepare_data, tokenized_splits
     from research_inference import save_hf_classifier
     from research_kd import check_kd_method, distill_student
-    from research_pruning import check_prune_method, prune_and_fine_tune, selected_weight_names
+    from research_pruning import check_prune_method, prune_and_fine_tune, save_pruned_classifier, selected_weight_names
     from research_quantization import check_quant_method, quantize_and_save
 
     # Fail fast on a method that cannot run, before any training.
@@ -213,7 +213,8 @@ def run_pipeline(args) -> List[Dict]:
     # Pruning (+ fine-tuning with masks held)
     if args.enable_pruning:
         model, report = prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, os.path.join(work, 'prune'))
-        record('prune', model, tokenizer, splits, extra=report)
+        saved = save_pruned_classifier(model, tokenizer, stage_dir(args, 'prune'), stage_info(args, 'prune'))
+        record('prune', model, tokenizer, splits, extra=report, saved_info=saved)
 
     # Quantization: the quantizer writes its own artifact
     if args.enable_quantization:
