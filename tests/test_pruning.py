@@ -252,7 +252,7 @@ def test_gradual_pruning_inside_trainer(teacher, splits, tmp_path):
     from research_training import train_classifier
     data, tokenized = splits
     args = make_args(tmp_path, prune_method='gradual', prune_layers='encoder', prune_sparsity=0.5,
-                     prune_schedule='cubic', fine_tune_epochs=2, prune_end_epoch=1.5, prune_frequency=3)
+                     prune_schedule='cubic', fine_tune_epochs=1, prune_end_epoch=0.75, prune_frequency=3)
     model, callbacks = PRUNE_METHODS['gradual'](fresh_model(teacher), args, None)
     gradual = callbacks[0]
     seen = []
@@ -267,12 +267,12 @@ def test_gradual_pruning_inside_trainer(teacher, splits, tmp_path):
 
     model, _ = train_classifier(model, teacher[1], tokenized.train, tokenized.val,
                                 positive_class_weights(data.labels[data.train_idx]), args, str(tmp_path / 'work'),
-                                epochs=2, learning_rate=5e-4, callbacks=[*callbacks, Watch()])
+                                epochs=1, learning_rate=5e-4, callbacks=[*callbacks, Watch()])
     for (_, _, _, before), (_, _, _, after) in zip(seen, seen[1:]):
         assert bool(((after == 0) | (before != 0)).all())  # masks never regrow
     for step, epoch, sparsity, _ in seen:
         if step % 3 == 0:
-            expected = PRUNE_SCHEDULES['cubic'](epoch / 1.5, 0.5)
+            expected = PRUNE_SCHEDULES['cubic'](epoch / 0.75, 0.5)
             assert sparsity == pytest.approx(expected, abs=0.01)
     assert seen[-1][2] == pytest.approx(0.5, abs=0.005)
     model = make_pruning_permanent(model)
@@ -298,7 +298,7 @@ def test_fine_tuning_keeps_pruned_weights_zero(teacher, splits, tmp_path):
     from research_data import positive_class_weights
     from research_pruning import prune_and_fine_tune, select_linear_layers
     data, tokenized = splits
-    args = make_args(tmp_path, prune_method='magnitude', prune_layers='encoder', prune_sparsity=0.5, fine_tune_epochs=2)
+    args = make_args(tmp_path, prune_method='magnitude', prune_layers='encoder', prune_sparsity=0.5, fine_tune_epochs=1)
     # The mask magnitude pruning will choose, computed on an independent copy.
     reference = fresh_model(teacher)
     layers = select_linear_layers(reference, 'encoder')
