@@ -635,8 +635,9 @@ def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: st
     else:
         report['f1_macro_after_pruning'] = macro_f1_on(model, tokenizer, splits.test, args)
         report['sparsity_after_pruning'] = sparsity_of_layers(model, args.prune_layers)
-        print(f'[prune] {args.prune_method}: sparsity of {args.prune_layers} layers '
-              f'{report["sparsity_after_pruning"]:.2%}, test macro-F1 {report["f1_macro_before_pruning"]:.4f} -> '
+        removed = 1.0 - weight_counts(model, args.prune_layers)['selected'] / before['selected']
+        print(f'[prune] {args.prune_method}: {args.prune_layers} weights {report["sparsity_after_pruning"]:.2%} zero, '
+              f'{removed:.2%} removed; test macro-F1 {report["f1_macro_before_pruning"]:.4f} -> '
               f'{report["f1_macro_after_pruning"]:.4f}')
     report['f1_macro_after_fine_tune'] = None
     if args.fine_tune_after_prune and args.fine_tune_epochs > 0:
