@@ -14,11 +14,10 @@ pruning returns the `Trainer` callback that prunes while fine-tuning. Schedules 
 `(t, final_sparsity) -> sparsity` in `PRUNE_SCHEDULES`.
 """
 
-import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch

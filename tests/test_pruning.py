@@ -6,7 +6,6 @@ import copy
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -422,3 +421,25 @@ def test_structured_pipeline_end_to_end(teacher_checkpoint, tmp_path):
     assert pruned['f1_macro_after_fine_tune'] == pytest.approx(pruned['f1_macro'], abs=1e-6)
     with open(os.path.join(pruned['model_dir'], 'compression_info.json'), encoding='utf-8') as fh:
         assert json.load(fh)['format'] == 'hf_structured'
+
+
+def test_structured_works_on_distilbert_layout(tmp_path):
+    """DistilBERT names its projections differently (q_lin/k_lin/v_lin/out_lin, ffn.lin1/lin2)."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    from research_pruning import PRUNE_METHODS, load_structured_model, select_linear_layers
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=120, dim=48, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=64, num_labels=5)).eval()
+    ids = torch.randint(5, 120, (8, 12))
+    calibration = [{'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': torch.randint(0, 2, (8, 5)).float()}]
+    before = sum(m.weight.numel() for m in select_linear_layers(model, 'encoder').values())
+    args = make_args(tmp_path, prune_method='structured', prune_sparsity=0.5)
+    model, _ = PRUNE_METHODS['structured'](model, args, calibration)
+    after = sum(m.weight.numel() for m in select_linear_layers(model, 'encoder').values())
+    assert 1 - after / before == pytest.approx(0.5, abs=0.01)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(str(tmp_path / 'm'))
+    reloaded = load_structured_model(str(tmp_path / 'm'))
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
