@@ -40,6 +40,14 @@ def splits(teacher, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
+def small_splits(splits):
+    """The same splits with 96 training texts, so the fine-tuning tests take a few optimizer steps only."""
+    from research_data import TokenizedSplits
+    data, tokenized = splits
+    return data, TokenizedSplits(tokenized.train.select(range(96)), tokenized.val, tokenized.test)
+
+
+@pytest.fixture(scope='module')
 def calibration(teacher, splits):
     from research_pruning import calibration_batches
     return calibration_batches(splits[1].train, teacher[1], 64, 16, seed=0)
@@ -242,16 +250,16 @@ def test_gradual_callback_blocks_early_stop_and_stale_best_until_target(teacher,
     assert state.best_metric is None  # pre-target checkpoints can no longer be restored as "best"
 
 
-def test_gradual_pruning_inside_trainer(teacher, splits, tmp_path):
+def test_gradual_pruning_inside_trainer(teacher, small_splits, tmp_path):
     """Real fine-tuning: masks are updated during training on the schedule, persist through optimizer
     steps (pruned weights are zero at every later step), and the restored model is at the target."""
     from transformers import TrainerCallback
     from research_data import positive_class_weights
     from research_pruning import PRUNE_METHODS, PRUNE_SCHEDULES, make_pruning_permanent
     from research_training import train_classifier
-    data, tokenized = splits
+    data, tokenized = small_splits
     args = make_args(tmp_path, prune_method='gradual', prune_layers='encoder', prune_sparsity=0.5,
-                     prune_schedule='cubic', fine_tune_epochs=1, prune_end_epoch=0.75, prune_frequency=3)
+                     prune_schedule='cubic', fine_tune_epochs=2, prune_end_epoch=1.5, prune_frequency=2)
     model, callbacks = PRUNE_METHODS['gradual'](fresh_model(teacher), args, None)
     gradual = callbacks[0]
     seen = []
@@ -266,12 +274,12 @@ def test_gradual_pruning_inside_trainer(teacher, splits, tmp_path):
 
     model, _ = train_classifier(model, teacher[1], tokenized.train, tokenized.val,
                                 positive_class_weights(data.labels[data.train_idx]), args, str(tmp_path / 'work'),
-                                epochs=1, learning_rate=5e-4, callbacks=[*callbacks, Watch()])
+                                epochs=2, learning_rate=5e-4, callbacks=[*callbacks, Watch()])
     for (_, _, _, before), (_, _, _, after) in zip(seen, seen[1:]):
         assert bool(((after == 0) | (before != 0)).all())  # masks never regrow
     for step, epoch, sparsity, _ in seen:
-        if step % 3 == 0:
-            expected = PRUNE_SCHEDULES['cubic'](epoch / 0.75, 0.5)
+        if step % 2 == 0:
+            expected = PRUNE_SCHEDULES['cubic'](epoch / 1.5, 0.5)
             assert sparsity == pytest.approx(expected, abs=0.01)
     assert seen[-1][2] == pytest.approx(0.5, abs=0.005)
     model = make_pruning_permanent(model)
@@ -292,11 +300,11 @@ def test_gradual_needs_fine_tuning_and_a_window_inside_it(tmp_path):
 # Fine-tuning after pruning keeps pruned weights at zero; the report has F1 before/after
 # ---------------------------------------------------------------------------------------------
 
-def test_fine_tuning_keeps_pruned_weights_zero(teacher, splits, tmp_path):
+def test_fine_tuning_keeps_pruned_weights_zero(teacher, small_splits, tmp_path):
     from torch.nn.utils import prune
     from research_data import positive_class_weights
     from research_pruning import prune_and_fine_tune, select_linear_layers
-    data, tokenized = splits
+    data, tokenized = small_splits
     args = make_args(tmp_path, prune_method='magnitude', prune_layers='encoder', prune_sparsity=0.5, fine_tune_epochs=1)
     # The mask magnitude pruning will choose, computed on an independent copy.
     reference = fresh_model(teacher)
