@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from research_errors import UsageError
 from research_kd import KD_METHODS, parse_layer_map
-from research_pruning import PRUNE_LAYER_GROUPS, PRUNE_METHODS, PRUNE_SCHEDULES
+from research_pruning import PRUNE_LAYER_GROUPS, PRUNE_METHODS, PRUNE_SCHEDULES, validate_pruning_arguments
 from research_quantization import QUANT_DTYPES, QUANT_METHODS
 
 LABEL_COLUMNS = ['bully', 'sexual', 'religious', 'threat', 'spam']
@@ -133,16 +133,26 @@ def build_argument_parser() -> argparse.ArgumentParser:
                          '(default: the layers a derived student was copied from, else uniform as in TinyBERT).')
 
     prune = parser.add_argument_group('pruning')
-    prune.add_argument('--prune_method', type=str, default='magnitude', choices=list(PRUNE_METHODS))
-    prune.add_argument('--prune_sparsity', type=float, default=0.5, help='Target sparsity of the selected layers.')
+    prune.add_argument('--prune_method', type=str, default='magnitude', choices=list(PRUNE_METHODS),
+                       help="magnitude: global |W| threshold over the selected layers. wanda: |W_ij|*||X_j||_2 from "
+                            '--calibration_samples training texts, per output row (Sun et al. 2023). gradual: '
+                            'magnitude pruning that rises to the target while fine-tuning, per --prune_schedule '
+                            '(Zhu & Gupta 2017). structured: removes whole attention heads and FFN neurons (Michel '
+                            'et al. 2019 gradient importance), so the model gets smaller and faster; '
+                            '--prune_layers encoder/attention/ffn only. The first three only zero weights: same '
+                            'file size and speed.')
+    prune.add_argument('--prune_sparsity', type=float, default=0.5,
+                       help='Target fraction of the selected layers\' weights to zero (structured: to remove; '
+                            'rounded to whole heads/neurons, the achieved value is reported).')
     prune.add_argument('--prune_schedule', type=str, default='cubic', choices=list(PRUNE_SCHEDULES),
-                       help='Sparsity schedule of gradual pruning.')
+                       help='Sparsity of gradual pruning at progress t in [0,1] (t = (epoch-start)/(end-start)), '
+                            'target s_f: linear s_f*t; cubic s_f*(1-(1-t)^3); exponential 1-(1-s_f)^t.')
     prune.add_argument('--prune_start_epoch', type=float, default=0.0, help='Gradual pruning starts here.')
     prune.add_argument('--prune_end_epoch', type=float, default=None,
                        help='Gradual pruning reaches the target here (default: 2/3 of --fine_tune_epochs).')
     prune.add_argument('--prune_frequency', type=int, default=10, help='Gradual pruning updates masks every N steps.')
     prune.add_argument('--prune_layers', type=str, default='encoder', choices=list(PRUNE_LAYER_GROUPS), help=PRUNE_LAYERS_HELP)
-    prune.add_argument('--calibration_samples', type=int, default=512, help='Training texts used to collect activations (wanda, structured).')
+    prune.add_argument('--calibration_samples', type=int, default=512, help='Training texts used to score weights: activation norms (wanda), gradient importance (structured).')
     prune.add_argument('--fine_tune_after_prune', action='store_true', default=True)
     prune.add_argument('--no_fine_tune_after_prune', action='store_false', dest='fine_tune_after_prune')
     prune.add_argument('--fine_tune_epochs', type=int, default=3, help='Epochs of fine-tuning after pruning (and of QAT).')
@@ -220,6 +230,9 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise UsageError('--hidden_loss_weight and --attention_loss_weight must be >= 0.')
     if args.prune_end_epoch is not None and args.prune_end_epoch <= args.prune_start_epoch:
         raise UsageError('--prune_end_epoch must be after --prune_start_epoch.')
+    pipelines = args.ablation_pipelines if args.run_ablation else [args.pipeline]
+    if any(PIPELINE_CONFIGS[p]['enable_pruning'] for p in pipelines):
+        validate_pruning_arguments(args)
 
 
 def parse_student_layers(value: str):

@@ -164,6 +164,7 @@ def load_compressed_model(path: str) -> CompressedClassifier:
     info = read_info(path)
     # The quantization module registers its own formats (e.g. torch int8) when imported.
     import research_quantization  # noqa: F401
+    import research_pruning  # noqa: F401  (registers 'hf_structured', structurally pruned models)
     try:
         loader = MODEL_LOADERS[info['format']]
     except KeyError:

@@ -1,19 +1,36 @@
-"""Pruning: layer selection, the pruning methods, sparsity schedules, sparsity accounting and fine-tuning
-after pruning. Masks are `torch.nn.utils.prune` masks, so fine-tuning keeps pruned weights at zero, and
-they are made permanent before saving.
+"""Pruning: layer selection, the four pruning methods (magnitude, wanda, gradual, structured), sparsity
+schedules, sparsity accounting, fine-tuning after pruning, and saving/loading structurally pruned models.
+
+Unstructured methods (magnitude, wanda, gradual) zero weights through `torch.nn.utils.prune` masks, so
+fine-tuning keeps pruned weights at zero; masks are made permanent before saving. The zeros are still
+stored and multiplied: the file is not smaller and PyTorch is not faster. The structured method removes
+whole attention heads and FFN neurons, so the matrices get physically smaller (fewer parameters, a
+smaller file, lower CPU latency); such a model is saved in the `hf_structured` format, which
+`research_inference.load_compressed_model` reloads.
+
+Every method is a small function with one signature, `(model, args, calibration_batches) ->
+(model, callbacks)`, registered in `PRUNE_METHODS`; one-shot methods return no callbacks, gradual
+pruning returns the `Trainer` callback that prunes while fine-tuning. Schedules are functions
+`(t, final_sparsity) -> sparsity` in `PRUNE_SCHEDULES`.
 """
 
+import os
 import re
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune
+from transformers import TrainerCallback
 
-from research_errors import MethodNotAvailable
+from research_errors import UsageError
+from research_inference import TorchClassifier, register_model_loader
 
 _ENCODER_LAYER = re.compile(r'\.layer\.\d+\.')
 HEAD_PREFIXES = ('classifier', 'pre_classifier', 'score', 'qa_outputs')
+STRUCTURED_FORMAT = 'hf_structured'
 
 
 def linear_role(module_name: str) -> str:
@@ -59,54 +76,516 @@ def selected_weight_names(model: nn.Module, group: str) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods: small functions with one signature (model, args, calibration_batches) -> model with masks
+# Calibration data and activation statistics
 # ---------------------------------------------------------------------------------------------
 
-def apply_magnitude_pruning(model: nn.Module, args, calibration_batches=None) -> nn.Module:
-    """Global L1 unstructured pruning (Han et al. 2015): zero the `sparsity` fraction of smallest-|w|
-    weights across all selected Linear layers together."""
+def calibration_batches(dataset, tokenizer, num_samples: int, batch_size: int, seed: int) -> List[dict]:
+    """Padded batches (labels included) of `num_samples` training texts drawn with `seed`; used by wanda
+    (input-activation norms) and structured pruning (gradient-based importance)."""
+    from research_eval import batches_of
+    order = np.random.default_rng(seed).permutation(len(dataset))[:min(num_samples, len(dataset))]
+    return list(batches_of(dataset.select(np.sort(order)), tokenizer, batch_size))
+
+
+def _model_inputs(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k in ('input_ids', 'attention_mask', 'token_type_ids')}
+
+
+def collect_input_norms(model: nn.Module, layers: Dict[str, nn.Linear], batches: Sequence[dict]) -> Dict[str, torch.Tensor]:
+    """‖X_j‖₂ for every input feature j of every layer: the L2 norm over all non-padding calibration
+    tokens of that layer's input activations (collected with forward pre-hooks)."""
+    device = next(model.parameters()).device
+    squares = {name: torch.zeros(m.in_features, dtype=torch.float64, device=device) for name, m in layers.items()}
+    current = {}
+
+    def recorder(name):
+        def record(_module, inputs):
+            x = inputs[0].detach()
+            mask = current.get('tokens')
+            if x.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(x.shape[:2]):
+                x = x[mask]  # padding positions are not text
+            squares[name] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+        return record
+
+    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = _model_inputs(batch, device)
+                current['tokens'] = inputs['attention_mask'].bool() if 'attention_mask' in inputs else None
+                model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return {name: value.sqrt().float() for name, value in squares.items()}
+
+
+def _require_calibration(method: str, batches) -> None:
+    if not batches:
+        raise UsageError(f'--prune_method {method} needs calibration texts from the training split, but none were '
+                         'given. Set --calibration_samples to a positive number (default 512).')
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods: (model, args, calibration_batches) -> (model with masks or smaller matrices, Trainer callbacks)
+# ---------------------------------------------------------------------------------------------
+
+def apply_magnitude_pruning(model: nn.Module, args, calibration_batches=None):
+    """Global magnitude pruning (Han et al. 2015): zero the `sparsity` fraction of smallest |W_ij| across
+    all selected Linear layers together (one threshold for the whole group)."""
     layers = select_linear_layers(model, args.prune_layers)
     prune.global_unstructured([(m, 'weight') for m in layers.values()], pruning_method=prune.L1Unstructured,
                               amount=args.prune_sparsity)
-    return model
+    return model, []
 
 
-def _not_yet(name: str):
-    def unavailable(*_args, **_kwargs):
-        raise MethodNotAvailable(f"--prune_method {name} is not available in this version: only 'magnitude' is "
-                                 'implemented so far. Use --prune_method magnitude.')
-    return unavailable
+def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Sun et al. 2023 (Wanda): score S_ij = |W_ij|·‖X_j‖₂; in every output row i, the round(sparsity·in)
+    lowest-scoring weights get mask 0."""
+    scores = weight.detach().abs() * input_norm.to(weight.device).unsqueeze(0)
+    mask = torch.ones_like(weight)
+    k = int(round(sparsity * weight.shape[1]))
+    if k:
+        mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, 0.0)
+    return mask
+
+
+def apply_wanda_pruning(model: nn.Module, args, calibration_batches=None):
+    """Sun et al. 2023 (Wanda): prune by |W_ij|·‖X_j‖₂, with ‖X_j‖₂ measured on `--calibration_samples`
+    training texts, compared per output row, no weight update."""
+    _require_calibration('wanda', calibration_batches)
+    layers = select_linear_layers(model, args.prune_layers)
+    norms = collect_input_norms(model, layers, calibration_batches)
+    for name, module in layers.items():
+        prune.custom_from_mask(module, 'weight', wanda_mask(module.weight, norms[name], args.prune_sparsity))
+    return model, []
+
+
+def gradual_window(args) -> Tuple[float, float]:
+    """(start, end) epochs of gradual pruning; end defaults to 2/3 of --fine_tune_epochs."""
+    end = args.prune_end_epoch if args.prune_end_epoch is not None else 2.0 * args.fine_tune_epochs / 3.0
+    return float(args.prune_start_epoch), float(end)
+
+
+def apply_gradual_pruning(model: nn.Module, args, calibration_batches=None):
+    """Zhu & Gupta 2017: global magnitude pruning whose sparsity rises from 0 to s_f while fine-tuning,
+    s_t = s_f·schedule((epoch − start)/(end − start)); masks recomputed every `--prune_frequency` steps.
+    Identity masks are installed now (before the optimizer exists); the returned callback prunes."""
+    layers = select_linear_layers(model, args.prune_layers)
+    for module in layers.values():
+        prune.identity(module, 'weight')
+    start, end = gradual_window(args)
+    callback = GradualPruningCallback(layers, args.prune_sparsity, PRUNE_SCHEDULES[args.prune_schedule], start, end,
+                                      args.prune_frequency)
+    return model, [callback]
+
+
+def apply_structured_pruning(model: nn.Module, args, calibration_batches=None):
+    """Remove whole attention heads and FFN neurons with the lowest first-order (Taylor) importance,
+    Michel et al. 2019: I_h = E_x |Σ_tokens A_h(x)ᵀ ∂L/∂A_h(x)| for a head's output A_h (scores normalised
+    per layer, ranked globally, at least one head kept per layer), and the same score per FFN neuron
+    (ranked within its layer, the same number removed in every layer). Removes `--prune_sparsity` of the
+    selected encoder Linear weights; the matrices become physically smaller."""
+    _require_calibration('structured', calibration_batches)
+    layers = encoder_layers(model)
+    head_scores, neuron_scores = structured_importance(model, layers, calibration_batches)
+    plan = plan_structured_pruning(layers, head_scores, neuron_scores, PRUNE_LAYER_GROUPS[args.prune_layers],
+                                   args.prune_sparsity)
+    shrink_encoder(model, layers, plan)
+    return model, []
 
 
 PRUNE_METHODS = {
     'magnitude': apply_magnitude_pruning,
-    'wanda': _not_yet('wanda'),
-    'gradual': _not_yet('gradual'),
-    'structured': _not_yet('structured'),
+    'wanda': apply_wanda_pruning,
+    'gradual': apply_gradual_pruning,
+    'structured': apply_structured_pruning,
 }
 
 
-def cubic_schedule(t: float) -> float:
-    """Zhu & Gupta 2017: fraction of the final sparsity reached at progress t in [0, 1]: 1 - (1 - t)^3."""
-    t = min(max(t, 0.0), 1.0)
-    return 1.0 - (1.0 - t) ** 3
+def register_prune_method(name: str, method) -> None:
+    PRUNE_METHODS[name] = method
 
 
-def linear_schedule(t: float) -> float:
-    """Fraction of the final sparsity at progress t: t."""
+def check_prune_method(name: str) -> None:
+    if name not in PRUNE_METHODS:
+        raise UsageError(f"Unknown --prune_method '{name}'. Choose one of: {', '.join(PRUNE_METHODS)}.")
+
+
+def validate_pruning_arguments(args) -> None:
+    """Reject pruning settings that cannot work, naming the fix (called when the pipeline prunes)."""
+    check_prune_method(args.prune_method)
+    if args.prune_method == 'gradual':
+        if not args.fine_tune_after_prune or args.fine_tune_epochs < 1:
+            raise UsageError('--prune_method gradual prunes while fine-tuning, so it needs fine-tuning: drop '
+                             '--no_fine_tune_after_prune and set --fine_tune_epochs to at least 1.')
+        start, end = gradual_window(args)
+        if not 0 <= start < end <= args.fine_tune_epochs:
+            raise UsageError(f'Gradual pruning must start and reach its target within fine-tuning: need 0 <= '
+                             f'--prune_start_epoch ({start:g}) < --prune_end_epoch ({end:g}) <= --fine_tune_epochs '
+                             f'({args.fine_tune_epochs}). Adjust those arguments.')
+    if args.prune_method == 'structured' and args.prune_layers == 'all':
+        raise UsageError("--prune_method structured removes attention heads and FFN neurons, which exist only in "
+                         "encoder layers; --prune_layers all would include the pooler. Use --prune_layers encoder, "
+                         'attention or ffn.')
+    if args.prune_method in ('wanda', 'structured') and args.calibration_samples < 1:
+        raise UsageError(f'--prune_method {args.prune_method} needs --calibration_samples of at least 1.')
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules of gradual pruning: (t in [0, 1], final sparsity s_f) -> sparsity at t
+# ---------------------------------------------------------------------------------------------
+
+def _clamp(t: float) -> float:
     return min(max(t, 0.0), 1.0)
+
+
+def linear_schedule(t: float, final_sparsity: float) -> float:
+    """s_t = s_f·t."""
+    return final_sparsity * _clamp(t)
+
+
+def cubic_schedule(t: float, final_sparsity: float) -> float:
+    """Zhu & Gupta 2017: s_t = s_f·(1 − (1 − t)³) (prunes fast early, slowly near the end)."""
+    return final_sparsity * (1.0 - (1.0 - _clamp(t)) ** 3)
+
+
+def exponential_schedule(t: float, final_sparsity: float) -> float:
+    """s_t = 1 − (1 − s_f)^t: the remaining density decays exponentially, i.e. every equal step of t
+    removes the same fraction of the weights still left (as iterative magnitude pruning does, Han et al.
+    2015); front-loaded like cubic, but less so (at t=½: linear < exponential < cubic)."""
+    return 1.0 - (1.0 - final_sparsity) ** _clamp(t)
 
 
 PRUNE_SCHEDULES = {
     'linear': linear_schedule,
     'cubic': cubic_schedule,
-    'exponential': linear_schedule,  # replaced by the gradual-pruning work; only used by --prune_method gradual
+    'exponential': exponential_schedule,
 }
 
 
-def check_prune_method(name: str) -> None:
-    if PRUNE_METHODS[name].__name__ == 'unavailable':
-        PRUNE_METHODS[name]()
+class GradualPruningCallback(TrainerCallback):
+    """Raises the sparsity of the selected layers from 0 to `final_sparsity` between `start_epoch` and
+    `end_epoch` of fine-tuning, recomputing global magnitude masks every `frequency` optimizer steps (and at
+    the first step past `end_epoch`). Pruned weights stay pruned (their masked magnitude is 0). Model
+    selection only considers evaluations made at the final sparsity, and early stopping cannot end training
+    before it is reached."""
+
+    def __init__(self, layers: Dict[str, nn.Linear], final_sparsity: float, schedule: Callable[[float, float], float],
+                 start_epoch: float, end_epoch: float, frequency: int):
+        self.layers = layers
+        self.final_sparsity = final_sparsity
+        self.schedule = schedule
+        self.start_epoch, self.end_epoch = start_epoch, end_epoch
+        self.frequency = frequency
+        self.sparsity = 0.0
+        self.history: List[Tuple[int, float, float]] = []  # (step, epoch, sparsity)
+        self._best_reset = False
+
+    def target_at(self, epoch: float) -> float:
+        return self.schedule((epoch - self.start_epoch) / (self.end_epoch - self.start_epoch), self.final_sparsity)
+
+    @property
+    def reached_final(self) -> bool:
+        return self.sparsity >= self.final_sparsity - 1e-9
+
+    def prune_to(self, sparsity: float) -> None:
+        """Global magnitude pruning of the still-unpruned weights until `sparsity` of the selected weights
+        are zero (scores: current |weight_orig·mask|, so already pruned weights stay pruned)."""
+        modules = list(self.layers.values())
+        total = sum(m.weight_mask.numel() for m in modules)
+        pruned = sum(int((m.weight_mask == 0).sum()) for m in modules)
+        wanted = int(round(sparsity * total))
+        if wanted > pruned:
+            scores = {(m, 'weight'): (m.weight_orig * m.weight_mask).detach().abs() for m in modules}
+            prune.global_unstructured([(m, 'weight') for m in modules], pruning_method=prune.L1Unstructured,
+                                      importance_scores=scores, amount=wanted - pruned)
+        self.sparsity = max(self.sparsity, sparsity)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = state.global_step % self.frequency == 0
+        crossed_end = state.epoch >= self.end_epoch and not self.reached_final
+        if due or crossed_end:
+            target = self.final_sparsity if crossed_end else self.target_at(state.epoch)
+            self.prune_to(target)
+            self.history.append((state.global_step, float(state.epoch), self.sparsity))
+        return control
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not self.reached_final:
+            control.should_training_stop = False  # never stop before the target sparsity is reached
+        elif not self._best_reset:
+            state.best_metric = None  # earlier (less sparse) epochs may not be restored as "best"
+            self._best_reset = True
+        return control
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured pruning: encoder anatomy, importance, plan, shrinking
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerAnatomy:
+    """Where the pieces of one encoder layer live (paths relative to the layer module)."""
+    attention: str          # module holding the head count attributes
+    query: str
+    key: str
+    value: str
+    attention_output: str   # Linear whose input columns are the concatenated head outputs
+    ffn_in: str             # Linear whose output rows are the FFN neurons
+    ffn_out: str            # Linear whose input columns are the FFN neurons
+    ffn_config_attr: str    # config field holding the FFN width
+
+
+ENCODER_ANATOMIES = {
+    'bert': LayerAnatomy('attention.self', 'attention.self.query', 'attention.self.key', 'attention.self.value',
+                         'attention.output.dense', 'intermediate.dense', 'output.dense', 'intermediate_size'),
+    'distilbert': LayerAnatomy('attention', 'attention.q_lin', 'attention.k_lin', 'attention.v_lin',
+                               'attention.out_lin', 'ffn.lin1', 'ffn.lin2', 'hidden_dim'),
+}
+
+_LAYER_MODULE = re.compile(r'(^|\.)layer\.\d+$')
+
+
+def _has_modules(layer: nn.Module, anatomy: LayerAnatomy) -> bool:
+    paths = (anatomy.query, anatomy.key, anatomy.value, anatomy.attention_output, anatomy.ffn_in, anatomy.ffn_out)
+    try:
+        return all(isinstance(layer.get_submodule(p), nn.Linear) for p in paths)
+    except AttributeError:
+        return False
+
+
+@dataclass
+class EncoderLayer:
+    name: str
+    module: nn.Module
+    anatomy: LayerAnatomy
+
+    def linear(self, part: str) -> nn.Linear:
+        return self.module.get_submodule(getattr(self.anatomy, part))
+
+    @property
+    def head_size(self) -> int:
+        return int(self.module.get_submodule(self.anatomy.attention).attention_head_size)
+
+    @property
+    def num_heads(self) -> int:
+        return self.linear('query').out_features // self.head_size
+
+    @property
+    def ffn_width(self) -> int:
+        return self.linear('ffn_in').out_features
+
+
+def encoder_layers(model: nn.Module) -> List[EncoderLayer]:
+    """The encoder layers of a BERT-family (BERT, RoBERTa, ELECTRA, MiniLM) or DistilBERT model, in order."""
+    found = []
+    for name, module in model.named_modules():
+        if _LAYER_MODULE.search(name):
+            anatomy = next((a for a in ENCODER_ANATOMIES.values() if _has_modules(module, a)), None)
+            if anatomy is not None:
+                found.append(EncoderLayer(name, module, anatomy))
+    if not found:
+        raise UsageError(f'--prune_method structured knows the encoder layout of BERT-family models (BERT, RoBERTa, '
+                         f'ELECTRA, MiniLM) and DistilBERT, not {type(model).__name__}. Use --prune_method magnitude, '
+                         'wanda or gradual for this model.')
+    return found
+
+
+def structured_importance(model: nn.Module, layers: List[EncoderLayer], batches: Sequence[dict]):
+    """Michel et al. 2019 head importance and its per-neuron analogue: for each layer, the input X of the
+    attention-output projection (concatenated head outputs) and of the FFN-output projection (neuron
+    activations) is captured with its gradient of the multi-label BCE loss; a unit's score is
+    E_x |Σ_{tokens, its channels} X·∂L/∂X|. Returns (head_scores, neuron_scores), one tensor per layer."""
+    device = next(model.parameters()).device
+    captured = {}
+
+    def capture(key):
+        def hook(_module, inputs):
+            x = inputs[0]
+            if x.requires_grad:
+                x.retain_grad()
+            captured[key] = x
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.linear('attention_output').register_forward_pre_hook(capture(('attn', i))))
+        handles.append(layer.linear('ffn_out').register_forward_pre_hook(capture(('ffn', i))))
+    head_scores = [torch.zeros(layer.num_heads, dtype=torch.float64, device=device) for layer in layers]
+    neuron_scores = [torch.zeros(layer.ffn_width, dtype=torch.float64, device=device) for layer in layers]
+    examples = 0
+    was_training = model.training
+    model.eval()  # no dropout while scoring
+    try:
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            logits = model(**_model_inputs(batch, device)).logits
+            loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), batch['labels'].to(device).float())
+            loss.backward()
+            for i, layer in enumerate(layers):
+                attn, ffn = captured[('attn', i)].detach(), captured[('ffn', i)].detach()
+                per_channel = (attn * captured[('attn', i)].grad).sum(dim=1).double()   # [batch, heads * head_size]
+                head_scores[i] += per_channel.view(len(per_channel), -1, layer.head_size).sum(-1).abs().sum(0)
+                neuron_scores[i] += (ffn * captured[('ffn', i)].grad).sum(dim=1).double().abs().sum(0)
+            examples += int(logits.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return [s / examples for s in head_scores], [s / examples for s in neuron_scores]
+
+
+def plan_structured_pruning(layers: List[EncoderLayer], head_scores, neuron_scores, roles: Sequence[str],
+                            sparsity: float) -> List[Tuple[List[int], List[int]]]:
+    """Which heads and neurons each layer keeps, so that about `sparsity` of the selected weights (q/k/v
+    rows + attention-output columns per head, FFN-in row + FFN-out column per neuron) are removed.
+    Heads: round(sparsity · all heads) removed, lowest per-layer-normalised score first, at least one kept
+    per layer. Neurons: the same count removed in every layer, chosen so that heads + neurons together
+    come closest to the target."""
+    hidden = layers[0].linear('query').in_features
+    head_weights = [4 * hidden * layer.head_size for layer in layers]
+    neuron_weights = 2 * hidden
+    total = (sum(l.num_heads * w for l, w in zip(layers, head_weights)) if 'attention' in roles else 0) + \
+            (sum(l.ffn_width for l in layers) * neuron_weights if 'ffn' in roles else 0)
+    removed_heads = [set() for _ in layers]
+    if 'attention' in roles:
+        normalised = [s / (s.norm() + 1e-12) for s in head_scores]
+        ranking = sorted((float(score), i, h) for i, scores in enumerate(normalised) for h, score in enumerate(scores))
+        to_remove = int(round(sparsity * sum(l.num_heads for l in layers)))
+        for _, i, h in ranking:
+            if to_remove == 0:
+                break
+            if len(removed_heads[i]) < layers[i].num_heads - 1:
+                removed_heads[i].add(h)
+                to_remove -= 1
+    neurons_per_layer = 0
+    if 'ffn' in roles:
+        budget = sparsity * total - sum(len(r) * w for r, w in zip(removed_heads, head_weights))
+        neurons_per_layer = int(round(max(budget, 0.0) / neuron_weights / len(layers)))
+        neurons_per_layer = min(neurons_per_layer, min(l.ffn_width for l in layers) - 1)
+    plan = []
+    for i, layer in enumerate(layers):
+        keep_heads = [h for h in range(layer.num_heads) if h not in removed_heads[i]]
+        order = torch.argsort(neuron_scores[i], stable=True).tolist()
+        keep_neurons = sorted(order[neurons_per_layer:])
+        plan.append((keep_heads, keep_neurons))
+    return plan
+
+
+def keep_output_rows(linear: nn.Linear, index: torch.Tensor) -> None:
+    """Shrink `linear` in place to the output features in `index` (weight rows and bias)."""
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(0, index).clone())
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.detach().index_select(0, index).clone())
+    linear.out_features = len(index)
+
+
+def keep_input_columns(linear: nn.Linear, index: torch.Tensor) -> None:
+    """Shrink `linear` in place to the input features in `index` (weight columns; the bias is kept)."""
+    linear.weight = nn.Parameter(linear.weight.detach().index_select(1, index).clone())
+    linear.in_features = len(index)
+
+
+def shrink_layer(layer: EncoderLayer, keep_heads: Sequence[int], keep_neurons: Sequence[int]) -> None:
+    """Physically remove the heads and FFN neurons of one encoder layer that are not kept."""
+    device = layer.linear('query').weight.device
+    size = layer.head_size
+    if len(keep_heads) < layer.num_heads:
+        channels = torch.tensor([h * size + c for h in keep_heads for c in range(size)], device=device)
+        for part in ('query', 'key', 'value'):
+            keep_output_rows(layer.linear(part), channels)
+        keep_input_columns(layer.linear('attention_output'), channels)
+        attention = layer.module.get_submodule(layer.anatomy.attention)
+        for attribute in ('num_attention_heads', 'n_heads'):
+            if hasattr(attention, attribute):
+                setattr(attention, attribute, len(keep_heads))
+        if hasattr(attention, 'all_head_size'):
+            attention.all_head_size = len(keep_heads) * size
+    if len(keep_neurons) < layer.ffn_width:
+        neurons = torch.tensor(list(keep_neurons), device=device)
+        keep_output_rows(layer.linear('ffn_in'), neurons)
+        keep_input_columns(layer.linear('ffn_out'), neurons)
+
+
+def shrink_encoder(model: nn.Module, layers: List[EncoderLayer], plan) -> None:
+    """Apply `plan` to every layer and record the per-layer shapes in `model.config.structured_pruning`
+    (saved in config.json), so the model can be rebuilt. When no head was removed and every layer keeps
+    the same FFN width, the config's FFN width is updated too and plain `from_pretrained` loads it."""
+    original_heads = [layer.num_heads for layer in layers]
+    for layer, (keep_heads, keep_neurons) in zip(layers, plan):
+        shrink_layer(layer, keep_heads, keep_neurons)
+    widths = [layer.ffn_width for layer in layers]
+    uniform = len(set(widths)) == 1 and all(layer.num_heads == n for layer, n in zip(layers, original_heads))
+    if uniform:
+        setattr(model.config, layers[0].anatomy.ffn_config_attr, widths[0])
+    model.config.structured_pruning = {
+        'layers': [layer.name for layer in layers],
+        'heads_per_layer': [layer.num_heads for layer in layers],
+        'kept_heads': [list(map(int, keep_heads)) for keep_heads, _ in plan],
+        'ffn_width_per_layer': widths,
+        'loads_with_from_pretrained': uniform,
+    }
+
+
+def is_structurally_pruned(model: nn.Module) -> bool:
+    return getattr(model.config, 'structured_pruning', None) is not None
+
+
+def restore_structured_shapes(model: nn.Module, record: dict) -> None:
+    """Shrink a freshly built model to the shapes in a `structured_pruning` record (values are then
+    loaded from the saved weights)."""
+    layers = {layer.name: layer for layer in encoder_layers(model)}
+    for name, heads, width in zip(record['layers'], record['heads_per_layer'], record['ffn_width_per_layer']):
+        shrink_layer(layers[name], list(range(heads)), list(range(width)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading (the `hf_structured` format)
+# ---------------------------------------------------------------------------------------------
+
+def save_pruned_classifier(model, tokenizer, model_dir: str, info: dict) -> dict:
+    """Save a pruned model: Hugging Face `save_pretrained` format; a structurally pruned one is marked
+    `hf_structured` (its per-layer shapes are in config.json). Returns the info written."""
+    from research_inference import save_hf_classifier, write_info
+    save_hf_classifier(model, tokenizer, model_dir, info)
+    if not is_structurally_pruned(model):
+        return {'format': 'hf'}
+    saved = {'format': STRUCTURED_FORMAT,
+             'loads_with_from_pretrained': bool(model.config.structured_pruning['loads_with_from_pretrained'])}
+    write_info(model_dir, {**info, **saved})
+    return saved
+
+
+def load_structured_model(model_dir: str):
+    """Rebuild a structurally pruned classifier: architecture from config.json, shrunk to the saved
+    per-layer shapes, then the saved weights loaded strictly."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    config = AutoConfig.from_pretrained(model_dir)
+    record = getattr(config, 'structured_pruning', None)
+    if record is None:
+        raise UsageError(f"'{model_dir}' is marked as structurally pruned but its config.json has no "
+                         "'structured_pruning' record. Re-save the model with this tool.")
+    model = AutoModelForSequenceClassification.from_config(config)
+    restore_structured_shapes(model, record)
+    state = load_file(os.path.join(model_dir, 'model.safetensors'))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_structured_classifier(model_dir: str, info: dict):
+    from transformers import AutoTokenizer
+    model = load_structured_model(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return TorchClassifier(model, tokenizer, info['label_names'], info['max_length'], info.get('threshold', 0.5), info)
+
+
+register_model_loader(STRUCTURED_FORMAT, load_structured_classifier)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,18 +609,63 @@ def sparsity_of_layers(model: nn.Module, group: str) -> float:
     return float(sum((w == 0).sum().item() for w in weights) / total) if total else 0.0
 
 
-def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: str, calibration_batches=None):
-    """Prune with `--prune_method`, fine-tune with the masks in place (pruned weights stay zero), make the
-    masks permanent. Returns the model and the sparsity of the selected layers at each step."""
+def weight_counts(model: nn.Module, group: str) -> Dict[str, int]:
+    """Stored weights of the selected Linear layers and stored parameters of the whole model."""
+    return {'selected': sum(m.weight.numel() for m in select_linear_layers(model, group).values()),
+            'total': sum(p.numel() for p in model.parameters())}
+
+
+def macro_f1_on(model, tokenizer, dataset, args) -> float:
+    """Macro-F1 of an in-memory model on a tokenized split (same metric code as the stage evaluation)."""
+    from research_eval import predict_probabilities, quality_metrics
+    classifier = TorchClassifier(model, tokenizer, args.label_columns, args.max_length, args.threshold, {})
+    labels, probs = predict_probabilities(classifier, dataset)
+    return quality_metrics(labels, probs, args.label_columns, args.threshold)['f1_macro']
+
+
+def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: str):
+    """Prune with `--prune_method`, fine-tune (masks held, so pruned weights stay zero; gradual pruning
+    happens during this fine-tuning), make the masks permanent. Returns the model and a report: macro-F1 on
+    the test split before pruning, right after pruning (one-shot methods) and after fine-tuning; sparsity
+    of the selected layers; and, for every method, the fraction of stored weights removed."""
     from research_training import train_classifier
-    check_prune_method(args.prune_method)
-    model = PRUNE_METHODS[args.prune_method](model, args, calibration_batches)
-    report = {'sparsity_after_pruning': sparsity_of_layers(model, args.prune_layers)}
-    print(f'[prune] {args.prune_method}: sparsity of {args.prune_layers} layers {report["sparsity_after_pruning"]:.2%}')
+    validate_pruning_arguments(args)
+    before = weight_counts(model, args.prune_layers)
+    report = {'prune_method': args.prune_method, 'prune_layers': args.prune_layers,
+              'prune_sparsity_target': args.prune_sparsity, 'f1_macro_split': 'test',
+              'f1_macro_before_pruning': macro_f1_on(model, tokenizer, splits.test, args)}
+    needs_calibration = args.prune_method in ('wanda', 'structured')
+    batches = calibration_batches(splits.train, tokenizer, args.calibration_samples, args.batch, args.seed) \
+        if needs_calibration else None
+    model, callbacks = PRUNE_METHODS[args.prune_method](model, args, batches)
+    if callbacks:  # gradual: pruning happens while fine-tuning, there is no "right after pruning" model
+        report['f1_macro_after_pruning'] = None
+        report['sparsity_after_pruning'] = None
+    else:
+        report['f1_macro_after_pruning'] = macro_f1_on(model, tokenizer, splits.test, args)
+        report['sparsity_after_pruning'] = sparsity_of_layers(model, args.prune_layers)
+        removed = 1.0 - weight_counts(model, args.prune_layers)['selected'] / before['selected']
+        print(f'[prune] {args.prune_method}: {args.prune_layers} weights {report["sparsity_after_pruning"]:.2%} zero, '
+              f'{removed:.2%} removed; test macro-F1 {report["f1_macro_before_pruning"]:.4f} -> '
+              f'{report["f1_macro_after_pruning"]:.4f}')
+    report['f1_macro_after_fine_tune'] = None
     if args.fine_tune_after_prune and args.fine_tune_epochs > 0:
         lr = args.fine_tune_lr if args.fine_tune_lr is not None else args.lr / 2
         model, _ = train_classifier(model, tokenizer, splits.train, splits.val, pos_weight, args, work_dir,
-                                    epochs=args.fine_tune_epochs, learning_rate=lr)
+                                    epochs=args.fine_tune_epochs, learning_rate=lr, callbacks=callbacks)
+        report['f1_macro_after_fine_tune'] = macro_f1_on(model, tokenizer, splits.test, args)
+        print(f'[prune] after fine-tuning: test macro-F1 {report["f1_macro_after_fine_tune"]:.4f}')
     model = make_pruning_permanent(model)
+    after = weight_counts(model, args.prune_layers)
     report['sparsity_after_fine_tune'] = sparsity_of_layers(model, args.prune_layers)
+    report['weights_removed_pruned_layers'] = 1.0 - after['selected'] / before['selected']
+    report['params_removed_overall'] = 1.0 - after['total'] / before['total']
+    report['params_total_before_pruning'] = before['total']
+    if is_structurally_pruned(model):
+        record = model.config.structured_pruning
+        report['heads_per_layer'] = record['heads_per_layer']
+        report['ffn_width_per_layer'] = record['ffn_width_per_layer']
+        print(f'[prune] structured: {report["weights_removed_pruned_layers"]:.2%} of the {args.prune_layers} weights '
+              f'removed ({report["params_removed_overall"]:.2%} of all parameters); heads per layer '
+              f'{record["heads_per_layer"]}, FFN width per layer {record["ffn_width_per_layer"]}')
     return model, report

@@ -216,13 +216,12 @@ def produce_student(args, data, path, parent, teacher) -> Dict:
 def produce_pruned(args, data, path, parent, teacher) -> Dict:
     """Prune the parent (teacher or student), fine-tune with masks held, make masks permanent."""
     from research_data import positive_class_weights, tokenized_splits
-    from research_inference import save_hf_classifier
-    from research_pruning import linear_weight_roles, prune_and_fine_tune
+    from research_pruning import linear_weight_roles, prune_and_fine_tune, save_pruned_classifier
     model, tokenizer = load_torch_stage(parent)
     splits = tokenized_splits(data, tokenizer, args.max_length, args.cache_dir)
     model, report = prune_and_fine_tune(model, tokenizer, splits, positive_class_weights(data.labels[data.train_idx]),
                                         args, os.path.join(path, 'work'))
-    save_hf_classifier(model, tokenizer, path, stage_info(args, 'prune', data))
+    save_pruned_classifier(model, tokenizer, path, stage_info(args, 'prune', data))
     return {'linear_roles': linear_weight_roles(model), 'report': report}
 
 
