@@ -165,7 +165,7 @@ def run_pipeline(args) -> List[Dict]:
     if args.enable_pruning:
         check_prune_method(args.prune_method)
     if args.enable_quantization:
-        check_quant_method(args.quant_method)
+        check_quant_method(args.quant_method, args.quant_dtype)
 
     set_seed(args.seed)
     data = prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, args.eval_fold,
@@ -217,7 +217,7 @@ def run_pipeline(args) -> List[Dict]:
 
     # Quantization: the quantizer writes its own artifact
     if args.enable_quantization:
-        saved = quantize_and_save(model, tokenizer, stage_dir(args, 'quant'), args, splits.train)
+        saved = quantize_and_save(model, tokenizer, stage_dir(args, 'quant'), args, splits.train, splits.val, pos_weight)
         record('quant', model, tokenizer, splits, saved_info=saved)
 
     shutil.rmtree(work, ignore_errors=True)
