@@ -143,12 +143,16 @@ def onnx_input_names(onnx_path: str) -> List[str]:
 @contextlib.contextmanager
 def quiet_onnxruntime_quantizer():
     """ONNX Runtime's quantizer logs advice meant for its developers ('run pre-processing', per-op notes)
-    through the root logger; users of this tool would wonder about them, so they are held back."""
+    through the root logger, and a harmless numpy warning for all-zero int4 blocks; users of this tool
+    would wonder about them, so they are held back (errors still show)."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            # MatMulNBits: an all-zero block (e.g. pruned) has scale 0; ORT divides before np.where picks 0.
+            warnings.filterwarnings('ignore', message='invalid value encountered in divide', category=RuntimeWarning)
+            yield
     finally:
         root.setLevel(level)
 
@@ -169,7 +173,7 @@ def quantize_onnx_static_int8(fp32_path: str, out_path: str, reader, nodes: List
     channel) and uint8 activations (per tensor, ranges from calibration or from `overrides`); embedding
     tables (Gather) get int8 weights. QDQ measured as fast as or faster than QOperator here."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    gathers = [n.name for n in _onnx_nodes(fp32_path) if n.op_type == 'Gather' and _is_embedding_gather(fp32_path, n)]
+    gathers = embedding_gather_nodes(fp32_path)
     with quiet_onnxruntime_quantizer():
         quantize_static(fp32_path, out_path, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=['MatMul', 'Gather'],
                         nodes_to_quantize=list(nodes) + gathers, per_channel=True, activation_type=QuantType.QUInt8,
@@ -178,15 +182,12 @@ def quantize_onnx_static_int8(fp32_path: str, out_path: str, reader, nodes: List
                                        'TensorQuantOverrides': overrides or {}})
 
 
-def _onnx_nodes(onnx_path: str):
+def embedding_gather_nodes(onnx_path: str) -> List[str]:
+    """Names of the Gather nodes that look up a stored table (word, position, token-type embeddings)."""
     import onnx
-    return list(onnx.load(onnx_path, load_external_data=False).graph.node)
-
-
-def _is_embedding_gather(onnx_path: str, node) -> bool:
-    import onnx
-    initializers = {i.name for i in onnx.load(onnx_path).graph.initializer}
-    return node.input[0] in initializers
+    graph = onnx.load(onnx_path).graph
+    initializers = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == 'Gather' and n.input[0] in initializers]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ class FakeQuantLinear(torch.nn.Module):
         if self.training or not bool(self.observed):
             self.observe(x)
         scale, zero_point = uint8_affine_qparams(self.input_min, self.input_max)
-        x_q = torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
+        x_q = torch.fake_quantize_per_tensor_affine(x.float(), scale, zero_point, 0, 255)
         weight = self.masked_weight()
         w_scale = torch.clamp(weight.detach().abs().amax(dim=1).float() / 127.0, min=1e-8)
         w_q = torch.fake_quantize_per_channel_affine(weight, w_scale, torch.zeros_like(w_scale, dtype=torch.int32),
@@ -326,8 +327,9 @@ def learned_activation_overrides(wrappers: Dict[str, FakeQuantLinear], layers: D
 
 def quantization_aware_training_int8(model, tokenizer, model_dir: str, args, data: QuantizationData) -> dict:
     """QAT (Jacob et al. 2018): fake quantization inserted in every Linear layer that int8 inference
-    quantizes, `--fine_tune_epochs` of fine-tuning through it (ranges and weights learned together), then
-    conversion to a real int8 ONNX Runtime graph that uses exactly the learned activation ranges."""
+    quantizes, `--fine_tune_epochs` of fine-tuning through it (weights adapt to the rounding while the
+    activation ranges are tracked), then conversion to a real int8 ONNX Runtime graph that uses exactly
+    the activation ranges of training and the same weight rounding (symmetric, per output channel)."""
     from research_training import train_classifier
     if data.val is None:
         raise UsageError('--quant_method qat fine-tunes the model and needs the validation split for early stopping.')
