@@ -34,8 +34,7 @@ from research_compression_config import parse_compression_arguments  # noqa: E40
 from research_data import positive_class_weights, prepare_data, tokenized_splits  # noqa: E402
 from research_eval import latency_batch, predict_probabilities, quality_metrics, size_on_disk_mb  # noqa: E402
 from research_errors import UsageError  # noqa: E402
-from research_inference import (OnnxClassifier, TorchClassifier, load_compressed_model, save_hf_classifier,  # noqa: E402
-                                write_info)
+from research_inference import OnnxClassifier, load_compressed_model, save_hf_classifier, write_info  # noqa: E402
 from research_models import load_fine_tuned_classifier  # noqa: E402
 from research_quantization import export_to_onnx, quantize_and_save  # noqa: E402
 
