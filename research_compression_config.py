@@ -13,7 +13,7 @@ from typing import List, Optional
 from research_errors import UsageError
 from research_kd import KD_METHODS, parse_layer_map
 from research_pruning import PRUNE_LAYER_GROUPS, PRUNE_METHODS, PRUNE_SCHEDULES, validate_pruning_arguments
-from research_quantization import QUANT_DTYPES, QUANT_METHODS
+from research_quantization import QUANT_DTYPES, QUANT_METHODS, resolve_quant_dtype
 
 LABEL_COLUMNS = ['bully', 'sexual', 'religious', 'threat', 'spam']
 
@@ -156,13 +156,18 @@ def build_argument_parser() -> argparse.ArgumentParser:
     prune.add_argument('--fine_tune_after_prune', action='store_true', default=True)
     prune.add_argument('--no_fine_tune_after_prune', action='store_false', dest='fine_tune_after_prune')
     prune.add_argument('--fine_tune_epochs', type=int, default=3, help='Epochs of fine-tuning after pruning (and of QAT).')
-    prune.add_argument('--fine_tune_lr', type=float, default=None, help='Learning rate for fine-tuning after pruning (default: lr/2).')
+    prune.add_argument('--fine_tune_lr', type=float, default=None, help='Learning rate for fine-tuning after pruning and for QAT (default: lr/2).')
 
     quant = parser.add_argument_group('quantization')
-    quant.add_argument('--quant_method', type=str, default='dynamic', choices=list(QUANT_METHODS))
-    quant.add_argument('--quant_dtype', type=str, default='int8', choices=list(QUANT_DTYPES),
-                       help='Storage type. For --quant_method int4: nf4 or fp4 (bitsandbytes, CUDA); int4 means nf4.')
-    quant.add_argument('--quant_calibration_batches', type=int, default=100)
+    quant.add_argument('--quant_method', type=str, default='dynamic', choices=list(QUANT_METHODS),
+                       help='dynamic, static, qat: int8 (ONNX Runtime; qat fine-tunes --fine_tune_epochs through fake '
+                            'quantization); fp16: half-precision safetensors; int4: 4-bit weights.')
+    quant.add_argument('--quant_dtype', type=str, default=None, choices=list(QUANT_DTYPES),
+                       help="Storage type; default: the method's own (int8; fp16 for fp16; int4 for int4). "
+                            'fp16 method: fp16 or bf16 (bf16 runs natively on CPUs with AVX512-BF16/AMX). '
+                            'int4 method: int4 (ONNX Runtime MatMulNBits, CPU) or nf4/fp4 (bitsandbytes, CUDA only).')
+    quant.add_argument('--quant_calibration_batches', type=int, default=100,
+                       help='Training batches (of --batch) that calibrate the activation ranges of --quant_method static.')
 
     evaluation = parser.add_argument_group('evaluation')
     evaluation.add_argument('--threshold', type=float, default=0.5, help='Decision threshold on each sigmoid output.')
@@ -233,6 +238,9 @@ def validate_arguments(args: argparse.Namespace) -> None:
     pipelines = args.ablation_pipelines if args.run_ablation else [args.pipeline]
     if any(PIPELINE_CONFIGS[p]['enable_pruning'] for p in pipelines):
         validate_pruning_arguments(args)
+    if args.quant_calibration_batches < 1:
+        raise UsageError('--quant_calibration_batches must be at least 1.')
+    args.quant_dtype = resolve_quant_dtype(args.quant_method, args.quant_dtype)
 
 
 def parse_student_layers(value: str):

@@ -103,13 +103,30 @@ class OnnxClassifier(CompressedClassifier):
         from onnx import numpy_helper
         graph = onnx.load(self.model_path).graph
         names = self.info.get('onnx_weight_names', {})
+        packed_k = {node.input[1]: onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == 'K'))
+                    for node in graph.node if node.op_type == 'MatMulNBits'}
         arrays = {}
         for init in graph.initializer:
-            if init.name.endswith(('_scale', '_zero_point')):
+            if init.name.endswith(('_scale', '_zero_point', '_scales', '_zero_points')):
                 continue
-            base = init.name[:-len('_quantized')] if init.name.endswith('_quantized') else init.name
-            arrays[names.get(base, init.name)] = numpy_helper.to_array(init)
+            array = numpy_helper.to_array(init)
+            if init.name in packed_k:
+                array = unpack_matmul_nbits_codes(array, packed_k[init.name])
+            elif init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+                array = array.astype(np.int8)
+            base = init.name
+            for suffix in ('_quantized', '_Q4'):
+                base = base[:-len(suffix)] if base.endswith(suffix) else base
+            arrays[names.get(base, init.name)] = array
         return arrays
+
+
+def unpack_matmul_nbits_codes(packed: np.ndarray, k: int) -> np.ndarray:
+    """Signed 4-bit codes [N, K] of an ONNX Runtime MatMulNBits weight stored as uint8 [N, blocks, bytes]
+    (two codes per byte, low nibble first, symmetric offset 8): a stored 0 is a weight of exactly 0."""
+    rows = packed.reshape(packed.shape[0], -1)
+    codes = np.stack([rows & 0x0F, rows >> 4], axis=-1).reshape(packed.shape[0], -1)[:, :k]
+    return codes.astype(np.int8) - 8
 
 
 def read_info(model_dir: str) -> dict:
@@ -148,10 +165,24 @@ def load_onnx_classifier(model_dir: str, info: dict) -> CompressedClassifier:
                           info['max_length'], info.get('threshold', 0.5), info)
 
 
+def load_bitsandbytes_4bit_classifier(model_dir: str, info: dict) -> CompressedClassifier:
+    """A bitsandbytes NF4/FP4 model (--quant_method int4 --quant_dtype nf4|fp4): loads on a CUDA GPU only."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    if not torch.cuda.is_available():
+        raise UsageError(f"'{model_dir}' holds {info.get('weight_dtype', '4-bit').upper()} weights of bitsandbytes, "
+                         'which load and run only on a CUDA GPU (with `pip install bitsandbytes`); this machine has '
+                         'none. For a CPU model, quantize with --quant_method int4 --quant_dtype int4.')
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, device_map={'': torch.cuda.current_device()})
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return TorchClassifier(model, tokenizer, info['label_names'], info['max_length'], info.get('threshold', 0.5), info)
+
+
 # format name (compression_info.json "format") -> loader(model_dir, info)
 MODEL_LOADERS: Dict[str, Callable[[str, dict], CompressedClassifier]] = {
     'hf': load_hf_classifier,
     'onnx': load_onnx_classifier,
+    'hf_bnb4': load_bitsandbytes_4bit_classifier,
 }
 
 

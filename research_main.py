@@ -125,7 +125,7 @@ def check_methods(args, pipelines: List[str]) -> None:
     if any(c['enable_pruning'] for c in configs):
         check_prune_method(args.prune_method)
     if any(c['enable_quantization'] for c in configs):
-        check_quant_method(args.quant_method)
+        check_quant_method(args.quant_method, args.quant_dtype)
 
 
 def run_plan(args, pipelines: List[str]) -> List[Run]:

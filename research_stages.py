@@ -227,12 +227,13 @@ def produce_pruned(args, data, path, parent, teacher) -> Dict:
 
 def produce_quantized(args, data, path, parent, teacher) -> Dict:
     """Quantize the parent; the quantizer writes its own artifact (e.g. an int8 ONNX file)."""
-    from research_data import tokenized_splits
+    from research_data import positive_class_weights, tokenized_splits
     from research_inference import write_info
     from research_quantization import quantize_and_save
     model, tokenizer = load_torch_stage(parent)
     splits = tokenized_splits(data, tokenizer, args.max_length, args.cache_dir)
-    saved = quantize_and_save(model, tokenizer, path, args, splits.train)
+    saved = quantize_and_save(model, tokenizer, path, args, splits.train, splits.val,
+                              positive_class_weights(data.labels[data.train_idx]))
     write_info(path, {**stage_info(args, 'quant', data), **saved})
     return {'linear_roles': parent.meta['linear_roles']}
 
