@@ -6,6 +6,7 @@ than the fp32 one, reloading gives the same predictions, macro-F1 stays within a
 the fp32 model, and pruned zeros stay zero. nf4/fp4 (bitsandbytes) need CUDA and must exit 2 here.
 """
 
+import contextlib
 import os
 import shutil
 
@@ -23,6 +24,18 @@ CASES = {  # case -> (--quant_method, --quant_dtype)
 }
 ENCODER_LINEARS = 4 * 6  # the tiny teacher: 4 layers x (query, key, value, attention output, intermediate, output)
 PROBE_TEXTS = ['তুই একটা বেয়াদব', 'ঘরে বসে আয় করুন', 'আজকের খেলা দারুণ হয়েছে', 'ধর্ম নিয়ে কটূক্তি করিস না']
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """The tiny model gains nothing from a second thread, and on a shared 2-core machine PyTorch's two
+    threads spin against other jobs: QAT of the tiny model took 122 s with 2 threads, 2 s with 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def prune_encoder_linears(model, sparsity=0.5):
@@ -65,6 +78,11 @@ def setup(tmp_path_factory, teacher_checkpoint):
 @pytest.fixture(scope='module')
 def quantized(setup):
     """Every CPU case quantized once and saved: case -> (folder, info returned by the quantizer)."""
+    with one_torch_thread():
+        return quantize_every_case(setup)
+
+
+def quantize_every_case(setup):
     import copy
     from research_inference import write_info
     from research_quantization import quantize_and_save
@@ -278,8 +296,9 @@ def test_quant_dtype_that_does_not_fit_the_method_exits_2(tmp_path, capsys):
 def test_qat_through_the_cli(tmp_path, teacher_checkpoint):
     """The pipeline passes the validation split and pos_weight to QAT and evaluates the int8 artifact."""
     import json
-    code = run_cli(fast_args(tmp_path / 'out', pipeline='quant_only', teacher_checkpoint=teacher_checkpoint,
-                             quant_method='qat', cache_dir=tmp_path / 'cache'))
+    with one_torch_thread():
+        code = run_cli(fast_args(tmp_path / 'out', pipeline='quant_only', teacher_checkpoint=teacher_checkpoint,
+                                 quant_method='qat', cache_dir=tmp_path / 'cache'))
     assert code == 0
     with open(tmp_path / 'out' / 'results_final.json', encoding='utf-8') as fh:
         baseline, quant = json.load(fh)['stages']
