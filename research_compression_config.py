@@ -41,8 +41,9 @@ PRUNE_LAYERS_HELP = (
     "Which Linear layers pruning acts on. 'attention': the query/key/value and attention-output "
     "projections inside every encoder layer; 'ffn': the two feed-forward projections (intermediate "
     "and output) inside every encoder layer; 'encoder': attention + ffn; 'all': every Linear layer "
-    "of the model except the classification head (encoder + pooler). Embeddings are not Linear "
-    "layers and the classification head is never pruned.")
+    "of the model except the classification head (encoder + pooler; not with --prune_method "
+    "structured, which removes heads and FFN neurons). Embeddings are not Linear layers and the "
+    "classification head is never pruned.")
 
 
 def _comma_list(value: str) -> List[str]:

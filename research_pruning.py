@@ -172,7 +172,8 @@ def gradual_window(args) -> Tuple[float, float]:
 
 def apply_gradual_pruning(model: nn.Module, args, calibration_batches=None):
     """Zhu & Gupta 2017: global magnitude pruning whose sparsity rises from 0 to s_f while fine-tuning,
-    s_t = s_f·schedule((epoch − start)/(end − start)); masks recomputed every `--prune_frequency` steps.
+    s_t = schedule(t, s_f) with t = (epoch − start)/(end − start) (e.g. cubic: s_f·(1 − (1 − t)³)); masks
+    recomputed every `--prune_frequency` optimizer steps.
     Identity masks are installed now (before the optimizer exists); the returned callback prunes."""
     layers = select_linear_layers(model, args.prune_layers)
     for module in layers.values():
