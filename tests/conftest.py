@@ -13,6 +13,11 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
+# Tiny models: one intra-op thread is faster than two (thread start-up dominates), and it keeps the suite
+# fast when other jobs share the cores.
+import torch  # noqa: E402
+torch.set_num_threads(1)
+
 SAMPLE_CSV = os.path.join(ROOT, 'data', 'sample_bangla_cyberbullying_synthetic.csv')
 SHARED_CSV = os.path.join(ROOT, '..', 'shared', 'data', 'bangla_cyberbullying_5label.csv')
 LABELS = ['bully', 'sexual', 'religious', 'threat', 'spam']
