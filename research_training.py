@@ -18,6 +18,10 @@ from research_eval import quality_metrics
 class MultiLabelTrainer(Trainer):
     """`Trainer` whose loss is BCE-with-logits with per-label `pos_weight` (sigmoid outputs, multi-label)."""
 
+    # compute_loss returns a per-batch mean, not a sum normalised by num_items_in_batch, so the Trainer must
+    # divide it by the gradient-accumulation steps (transformers 5 would otherwise assume it already did).
+    loss_is_scaled_for_ga = False
+
     def __init__(self, *args, pos_weight: Optional[np.ndarray] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.pos_weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
