@@ -421,6 +421,13 @@ class DistillationTrainer(MultiLabelTrainer):
             optimizer.add_param_group({'params': params, 'weight_decay': 0.0})
         return optimizer
 
+    def _clip_grad_norm(self, model):
+        """Clip the student's and the projections' gradients as one vector: they are trained together,
+        and the Trainer alone would clip only the student's (`--gradient_clip_norm` would not bound the
+        projections' steps)."""
+        parameters = [*model.parameters(), *self.projections.parameters()]
+        return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+
     def needs_attention_maps(self) -> bool:
         return any(m.feature == 'attention' for m in self.matches)
 

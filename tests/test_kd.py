@@ -243,6 +243,22 @@ def test_projection_is_trained_and_not_saved(tmp_path, data, teacher):
     assert saved_numel == sum(p.numel() for p in trained.parameters())
 
 
+def test_gradient_clipping_covers_the_projections(tmp_path, data, teacher):
+    teacher_model, teacher_tokenizer = teacher
+    args = kd_args(tmp_path, kd_method='hidden', gradient_clip_norm='0.01')
+    trainer = build_trainer(args, small_student(teacher_tokenizer), teacher_tokenizer, teacher, tmp_path)
+    batch = first_batch(splits_of(data, teacher_tokenizer, args), teacher_tokenizer)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, dict(batch)).backward()
+    projection_grads = [p.grad for p in trainer.projections.parameters()]
+    assert all(g is not None for g in projection_grads)
+    assert float(torch.linalg.vector_norm(torch.stack([g.norm() for g in projection_grads]))) > 0.01
+    trainer._clip_grad_norm(trainer.model)
+    grads = [p.grad for p in [*trainer.model.parameters(), *trainer.projections.parameters()] if p.grad is not None]
+    total = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    assert total == pytest.approx(0.01, rel=1e-3)            # one clip over student + projections
+
+
 # ---------------------------------------------------------------------------------------------
 # Losses exclude padding; attention maps are head-averaged
 # ---------------------------------------------------------------------------------------------
