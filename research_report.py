@@ -115,7 +115,8 @@ def plot_quality_vs_cost(summary: pd.DataFrame, cost: str, xlabel: str, path: st
     ax.set_xlabel(xlabel)
     ax.set_ylabel('macro-F1 (test)')
     ax.grid(alpha=0.3)
-    ax.legend(loc='lower right')
+    ax.margins(x=0.15, y=0.1)  # room for the pipeline names next to the outermost points
+    ax.legend(loc='best')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
