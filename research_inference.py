@@ -12,7 +12,7 @@ Every stage folder holds `compression_info.json`, whose `format` picks the loade
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -64,6 +64,13 @@ class TorchClassifier(CompressedClassifier):
         self.model = model.eval()
         self.device = next(model.parameters()).device if any(True for _ in model.parameters()) else 'cpu'
         self.device_name = str(self.device)
+
+    def to(self, device) -> 'TorchClassifier':
+        """Move the model to `device` ('cpu', 'cuda', 'cuda:1', ...), keeping its stored precision."""
+        self.model.to(device)
+        self.device = next(self.model.parameters()).device
+        self.device_name = str(self.device)
+        return self
 
     def logits(self, batch: dict) -> np.ndarray:
         import torch
@@ -165,6 +172,21 @@ def load_onnx_classifier(model_dir: str, info: dict) -> CompressedClassifier:
                           info['max_length'], info.get('threshold', 0.5), info)
 
 
+class BitsAndBytesClassifier(TorchClassifier):
+    """A bitsandbytes NF4/FP4 model on a CUDA GPU. Its 4-bit weights are packed two per byte (uint8) with
+    per-block scales, so they are unpacked to count parameters and zeros (NF4 and FP4 store 0 exactly)."""
+
+    def parameter_arrays(self) -> Dict[str, np.ndarray]:
+        import bitsandbytes as bnb
+        arrays = {}
+        for module_name, module in self.model.named_modules():
+            for name, param in module.named_parameters(recurse=False):
+                if isinstance(param, bnb.nn.Params4bit):
+                    param = bnb.functional.dequantize_4bit(param.data, param.quant_state)
+                arrays[f'{module_name}.{name}' if module_name else name] = param.detach().float().cpu().numpy()
+        return arrays
+
+
 def load_bitsandbytes_4bit_classifier(model_dir: str, info: dict) -> CompressedClassifier:
     """A bitsandbytes NF4/FP4 model (--quant_method int4 --quant_dtype nf4|fp4): loads on a CUDA GPU only."""
     import torch
@@ -175,7 +197,8 @@ def load_bitsandbytes_4bit_classifier(model_dir: str, info: dict) -> CompressedC
                          'none. For a CPU model, quantize with --quant_method int4 --quant_dtype int4.')
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, device_map={'': torch.cuda.current_device()})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return TorchClassifier(model, tokenizer, info['label_names'], info['max_length'], info.get('threshold', 0.5), info)
+    return BitsAndBytesClassifier(model, tokenizer, info['label_names'], info['max_length'], info.get('threshold', 0.5),
+                                  info)
 
 
 # format name (compression_info.json "format") -> loader(model_dir, info)
@@ -190,8 +213,12 @@ def register_model_loader(format_name: str, loader: Callable[[str, dict], Compre
     MODEL_LOADERS[format_name] = loader
 
 
-def load_compressed_model(path: str) -> CompressedClassifier:
-    """Load a saved stage folder of any format; `.predict(texts)` gives one {label: probability} per text."""
+def load_compressed_model(path: str, device: Optional[str] = None) -> CompressedClassifier:
+    """Load a saved stage folder of any format; `.predict(texts)` gives one {label: probability} per text.
+
+    `device` puts a PyTorch model (fp32, pruned, fp16/bf16) on that device, e.g. 'cuda' for fp16 on a GPU;
+    by default it stays on the CPU. ONNX models (int8, int4) run on the CPU with ONNX Runtime, and
+    bitsandbytes NF4/FP4 models on the GPU they need: asking those for another device is an error."""
     info = read_info(path)
     # The quantization module registers its own formats (e.g. torch int8) when imported.
     import research_quantization  # noqa: F401
@@ -201,17 +228,44 @@ def load_compressed_model(path: str) -> CompressedClassifier:
     except KeyError:
         raise UsageError(f"'{path}' has format '{info['format']}', which this version cannot load "
                          f"(known: {', '.join(MODEL_LOADERS)}).")
-    return loader(path, info)
+    classifier = loader(path, info)
+    return classifier if device is None else place_on_device(classifier, device, path)
+
+
+def place_on_device(classifier: CompressedClassifier, device: str, path: str) -> CompressedClassifier:
+    import torch
+    if isinstance(classifier, TorchClassifier):
+        if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
+                             'use the default CPU.')
+        if info_format(classifier) == 'hf_bnb4':   # loaded on the current GPU already; 4-bit weights do not move
+            if torch.device(device).type != 'cuda':
+                raise UsageError(f"'{path}' holds bitsandbytes 4-bit weights, which run only on a CUDA GPU.")
+            return classifier
+        return classifier.to(device)
+    if torch.device(device).type != 'cpu':
+        raise UsageError(f"'{path}' is an ONNX model ({classifier.info.get('weight_dtype', '')}); it runs on the CPU with "
+                         f'ONNX Runtime, not on {device}. Load it without a device, or quantize with '
+                         '--quant_method fp16 (or int4 --quant_dtype nf4) for a GPU model.')
+    return classifier
+
+
+def info_format(classifier: CompressedClassifier) -> str:
+    return classifier.info.get('format', '')
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    device = None
+    if len(argv) >= 2 and argv[0] == '--device':
+        device, argv = argv[1], argv[2:]
     if len(argv) < 2 or argv[0] in ('-h', '--help'):
-        print('usage: python research_inference.py MODEL_DIR "text" ["text" ...]\n'
-              'Prints one JSON object of label probabilities per text (threshold from the model card).')
+        print('usage: python research_inference.py [--device cuda] MODEL_DIR "text" ["text" ...]\n'
+              'Prints one JSON object of label probabilities per text (threshold from the model card).\n'
+              '--device puts a PyTorch model (fp32, pruned, fp16/bf16) on that device; default: CPU.')
         return 0 if argv and argv[0] in ('-h', '--help') else 2
     try:
-        model = load_compressed_model(argv[0])
+        model = load_compressed_model(argv[0], device=device)
     except UsageError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2

@@ -50,6 +50,7 @@ def load_tokenizer(path: str):
 
 def load_encoder_for_classification(path: str, label_names: Sequence[str], dropout: float) -> Tuple[object, object]:
     """A pretrained encoder with a new multi-label head (to be fine-tuned), and its tokenizer."""
+    import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
     resolved = resolve_model_path(path)
     try:
@@ -59,17 +60,21 @@ def load_encoder_for_classification(path: str, label_names: Sequence[str], dropo
     for attribute in ('hidden_dropout_prob', 'dropout', 'seq_classif_dropout'):
         if hasattr(config, attribute):
             setattr(config, attribute, dropout)
-    model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config)
+    # fp32 master weights whatever the checkpoint stores (hub models are often saved in bf16/fp16): every
+    # stage trains or compresses from fp32; transformers 5 would otherwise keep the stored 16-bit dtype.
+    model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config, dtype=torch.float32)
     return model, load_tokenizer(resolved)
 
 
 def load_fine_tuned_classifier(path: str, label_names: Sequence[str]) -> Tuple[object, object]:
     """An already fine-tuned multi-label classifier, trained head included. Refuses a checkpoint whose
     head would be freshly initialised or whose labels do not match the run's label columns."""
+    import torch
     from transformers import AutoModelForSequenceClassification
     resolved = resolve_model_path(path)
     try:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(resolved, output_loading_info=True)
+        model, loading = AutoModelForSequenceClassification.from_pretrained(resolved, output_loading_info=True,
+                                                                            dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise _fetch_failed(path, exc)
     untrained_head = [k for k in loading.get('missing_keys', []) if k.split('.')[0] in HEAD_PREFIXES]

@@ -44,7 +44,7 @@ METHOD_DTYPES = {
 }
 INT4_BLOCK_SIZE = 32
 # Linear layers kept in floating point by every method: the classification head decides the labels and
-# is tiny; 4-bit bitsandbytes keeps it in 16 bit as well.
+# is tiny; 4-bit bitsandbytes keeps it in its 16-bit compute dtype, with the embeddings.
 HEAD_MODULES = ('classifier', 'pre_classifier', 'score')
 
 
@@ -431,7 +431,9 @@ def quantize_4bit_bitsandbytes(model, tokenizer, model_dir: str, args) -> dict:
                                 llm_int8_skip_modules=list(HEAD_MODULES))
     with tempfile.TemporaryDirectory() as fp32_dir:
         model.save_pretrained(fp32_dir, safe_serialization=True)
-        quantized = AutoModelForSequenceClassification.from_pretrained(fp32_dir, quantization_config=config,
+        # Everything bitsandbytes does not quantize (embeddings, LayerNorms, biases, the head) is kept in the
+        # 16-bit compute dtype, as QLoRA does; in fp32 the embedding table alone would be 47 MB of MiniLM's file.
+        quantized = AutoModelForSequenceClassification.from_pretrained(fp32_dir, quantization_config=config, dtype=compute,
                                                                        device_map={'': torch.cuda.current_device()})
     os.makedirs(model_dir, exist_ok=True)
     quantized.save_pretrained(model_dir, safe_serialization=True)

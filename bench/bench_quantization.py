@@ -47,7 +47,11 @@ QUANT_ROWS = {
     'torch bf16': ('fp16', 'bf16'),
     'ORT int4 (MatMulNBits)': ('int4', 'int4'),
     'bnb nf4 (CUDA)': ('int4', 'nf4'),
+    'bnb fp4 (CUDA)': ('int4', 'fp4'),
 }
+CPU_ROWS = [name for name in QUANT_ROWS if name != 'bnb fp4 (CUDA)']
+# On a GPU (--device cuda) only the PyTorch models move there; ONNX Runtime rows stay CPU-only.
+CUDA_ROWS = ['torch fp16', 'torch bf16', 'bnb nf4 (CUDA)', 'bnb fp4 (CUDA)']
 
 
 def parse_bench_arguments():
@@ -67,7 +71,12 @@ def parse_bench_arguments():
     parser.add_argument('--qat_lr', type=float, default=2e-5)
     parser.add_argument('--rounds_b1', type=int, default=30, help='Timed rounds at batch 1 (after 3 warm-up calls).')
     parser.add_argument('--rounds_b32', type=int, default=6, help='Timed rounds at batch 32 (after 1 warm-up call).')
-    parser.add_argument('--rows', type=str, default=','.join(QUANT_ROWS), help='Comma-separated quantized rows to run.')
+    parser.add_argument('--device', choices=['cpu', 'cuda'], default='cpu',
+                        help='Where the PyTorch models run. cuda: fp32, fp16, bf16, NF4 and FP4 on the GPU '
+                             '(ONNX Runtime rows are CPU-only and left out).')
+    parser.add_argument('--rows', type=str, default=None,
+                        help=f'Comma-separated quantized rows to run (default on cpu: {",".join(CPU_ROWS)}; '
+                             f'on cuda: {",".join(CUDA_ROWS)}).')
     parser.add_argument('--work_dir', type=str, default=None, help='Where the artifacts go (default: a temporary folder).')
     parser.add_argument('--json_out', type=str, default=None, help='Also write the rows as JSON here.')
     return parser.parse_args()
@@ -111,12 +120,13 @@ def build_rows(bench, args, model, tokenizer, splits, pos_weight, work_dir):
     rows = {}
     fp32_dir = os.path.join(work_dir, 'torch_fp32')
     save_hf_classifier(model, tokenizer, fp32_dir, info)
-    rows['torch fp32'] = (load_compressed_model(fp32_dir), fp32_dir, 0.0, '')
-    ort_dir = os.path.join(work_dir, 'ort_fp32')
-    os.makedirs(ort_dir, exist_ok=True)
-    export_to_onnx(model, tokenizer, os.path.join(ort_dir, 'model.onnx'), args.max_length)
-    rows['ORT fp32'] = (OnnxClassifier(os.path.join(ort_dir, 'model.onnx'), tokenizer, args.label_columns,
-                                       args.max_length, args.threshold, info), ort_dir, 0.0, '')
+    rows['torch fp32'] = (load_compressed_model(fp32_dir, device=bench.device), fp32_dir, 0.0, '')
+    if bench.device == 'cpu':
+        ort_dir = os.path.join(work_dir, 'ort_fp32')
+        os.makedirs(ort_dir, exist_ok=True)
+        export_to_onnx(model, tokenizer, os.path.join(ort_dir, 'model.onnx'), args.max_length)
+        rows['ORT fp32'] = (OnnxClassifier(os.path.join(ort_dir, 'model.onnx'), tokenizer, args.label_columns,
+                                           args.max_length, args.threshold, info), ort_dir, 0.0, '')
     qat_train = splits.train.select(range(int(len(splits.train) * bench.qat_train_fraction)))
     for name in [r for r in bench.rows.split(',') if r]:
         method, dtype = QUANT_ROWS[name]
@@ -134,7 +144,8 @@ def build_rows(bench, args, model, tokenizer, splits, pos_weight, work_dir):
         write_info(model_dir, {**info, **saved})
         seconds = time.time() - started
         print(f'[bench] {name}: quantized in {seconds:.0f} s')
-        rows[name] = (load_compressed_model(model_dir), model_dir, seconds, '')
+        device = bench.device if saved.get('format') == 'hf' else None   # ONNX stays on CPU, bnb loads on the GPU
+        rows[name] = (load_compressed_model(model_dir, device=device), model_dir, seconds, '')
     return rows
 
 
@@ -155,6 +166,8 @@ def format_table(results, settings):
 
 def main():
     bench = parse_bench_arguments()
+    if bench.rows is None:
+        bench.rows = ','.join(CUDA_ROWS if bench.device == 'cuda' else CPU_ROWS)
     torch.manual_seed(bench.seed)
     work_dir = bench.work_dir or tempfile.mkdtemp(prefix='bench_quant_')
     os.makedirs(work_dir, exist_ok=True)
@@ -162,6 +175,7 @@ def main():
     data = prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, args.eval_fold,
                         args.data_fraction, args.val_fraction, args.seed)
     model, tokenizer = load_fine_tuned_classifier(args.teacher_checkpoint, args.label_columns)
+    model = model.float()  # a checkpoint stored in 16 bit (to travel light) is the fp32 reference once widened
     splits = tokenized_splits(data, tokenizer, args.max_length, args.cache_dir)
     pos_weight = positive_class_weights(data.labels[data.train_idx])
     rows = build_rows(bench, args, model, tokenizer, splits, pos_weight, work_dir)
@@ -178,8 +192,10 @@ def main():
             continue
         results[name] = {'f1_macro': quality(classifier, splits.test, args.threshold), 'size_mb': size_on_disk_mb(folder),
                          'b1_ms': b1[name], 'b32_ms': b32[name], 'quantize_s': seconds}
-    settings = (f'{time.strftime("%Y-%m-%d")}, {platform.machine()} CPU with {os.cpu_count()} cores (torch '
-                f'{torch.get_num_threads()} threads), no GPU={not torch.cuda.is_available()}; teacher '
+    where = (f'GPU {torch.cuda.get_device_name()} (torch {torch.__version__})' if bench.device == 'cuda' else
+             f'{platform.machine()} CPU with {os.cpu_count()} cores (torch {torch.get_num_threads()} threads), '
+             f'no GPU={not torch.cuda.is_available()}')
+    settings = (f'{time.strftime("%Y-%m-%d")}, {where}; teacher '
                 f'{bench.teacher_checkpoint}; data {os.path.basename(bench.dataset_path)} fraction {bench.data_fraction}, '
                 f'fold {bench.eval_fold} of {bench.num_folds} as test ({len(splits.test)} texts), seq {args.max_length}; '
                 f'static: {bench.calibration_batches} calibration batches of {bench.batch}; QAT: {bench.qat_epochs} '

@@ -91,6 +91,17 @@ def test_checkpoint_is_loaded_with_its_trained_head(teacher_checkpoint):
     assert torch.equal(model.classifier.weight, saved['classifier.weight'])
 
 
+def test_a_16_bit_checkpoint_is_loaded_as_fp32_for_training(teacher_checkpoint, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from research_models import load_fine_tuned_classifier
+    half_dir = str(tmp_path / 'half')
+    AutoModelForSequenceClassification.from_pretrained(teacher_checkpoint).to(torch.bfloat16).save_pretrained(half_dir)
+    AutoTokenizer.from_pretrained(teacher_checkpoint).save_pretrained(half_dir)
+    model, _ = load_fine_tuned_classifier(half_dir, ['bully', 'sexual', 'religious', 'threat', 'spam'])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 def test_foreign_non_empty_output_dir_is_refused(tmp_path, capsys, tiny_teacher_dir):
     out = tmp_path / 'out'
     out.mkdir()

@@ -305,3 +305,15 @@ def test_qat_through_the_cli(tmp_path, teacher_checkpoint):
     assert quant['size_mb'] < baseline['size_mb'] / 2
     with open(tmp_path / 'out' / 'stages' / 'quant' / 'compression_info.json', encoding='utf-8') as fh:
         assert json.load(fh)['quant_method'] == 'qat'
+
+
+def test_device_option_moves_torch_models_and_refuses_what_cannot_move(setup, quantized):
+    from research_errors import UsageError
+    from research_inference import load_compressed_model
+    half = load_compressed_model(quantized['bf16'][0], device='cpu')
+    assert half.device_name == 'cpu' and next(half.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(UsageError, match='runs on the CPU with ONNX Runtime'):
+        load_compressed_model(quantized['dynamic'][0], device='cuda')
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match='no CUDA GPU'):
+            load_compressed_model(setup['fp32_dir'], device='cuda')

@@ -1,0 +1,108 @@
+"""The CUDA paths, run where a GPU is present (skipped on CPU-only machines such as CI): bitsandbytes
+NF4/FP4 4-bit weights, fp16/bf16 models on the GPU, and the pipeline with mixed-precision training and
+an online teacher in half precision."""
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fast_args, run_cli
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+PROBE_TEXTS = ['তুই একটা বেয়াদব', 'ঘরে বসে আয় করুন', 'আজকের খেলা দারুণ হয়েছে', 'ধর্ম নিয়ে কটূক্তি করিস না']
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory, teacher_checkpoint):
+    from research_compression_config import parse_compression_arguments
+    from research_data import positive_class_weights, prepare_data, tokenized_splits
+    from research_inference import TorchClassifier, save_hf_classifier
+    from research_models import load_fine_tuned_classifier
+    root = tmp_path_factory.mktemp('cuda')
+    args = parse_compression_arguments(fast_args(root / 'out', pipeline='quant_only', teacher_checkpoint=teacher_checkpoint,
+                                                 cache_dir=root / 'cache'))
+    data = prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, args.eval_fold,
+                        args.data_fraction, args.val_fraction, args.seed)
+    model, tokenizer = load_fine_tuned_classifier(teacher_checkpoint, args.label_columns)
+    splits = tokenized_splits(data, tokenizer, args.max_length, args.cache_dir)
+    info = {'label_names': list(args.label_columns), 'max_length': args.max_length, 'threshold': args.threshold}
+    fp32_dir = str(root / 'fp32')
+    save_hf_classifier(model, tokenizer, fp32_dir, info)
+    return {'root': root, 'args': args, 'model': model, 'tokenizer': tokenizer, 'splits': splits, 'info': info,
+            'pos_weight': positive_class_weights(data.labels[data.train_idx]), 'fp32_dir': fp32_dir,
+            'fp32': TorchClassifier(copy.deepcopy(model), tokenizer, args.label_columns, args.max_length,
+                                    args.threshold, info)}
+
+
+def quantize(setup, method, dtype):
+    from research_inference import write_info
+    from research_quantization import quantize_and_save
+    args = copy.copy(setup['args'])
+    args.quant_method, args.quant_dtype = method, dtype
+    model_dir = str(setup['root'] / dtype)
+    saved = quantize_and_save(setup['model'], setup['tokenizer'], model_dir, args, setup['splits'].train,
+                              setup['splits'].val, setup['pos_weight'])
+    write_info(model_dir, {**setup['info'], **saved})
+    return model_dir, saved
+
+
+def probabilities(classifier):
+    return np.array([[row[k] for k in classifier.label_names] for row in classifier.predict(PROBE_TEXTS)])
+
+
+def weight_file_mb(folder):
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith('.safetensors')) / 1e6
+
+
+@pytest.mark.parametrize('dtype', ['nf4', 'fp4'])
+def test_bitsandbytes_4bit_is_packed_smaller_and_reloads(setup, dtype):
+    import bitsandbytes as bnb
+    from research_inference import load_compressed_model
+    model_dir, saved = quantize(setup, 'int4', dtype)
+    assert saved['format'] == 'hf_bnb4' and saved['weight_dtype'] == dtype
+    loaded = load_compressed_model(model_dir)
+    linears4 = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linears4) >= 6                                            # every encoder Linear is 4-bit
+    assert all(m.weight.dtype == torch.uint8 and m.weight.quant_state.quant_type == dtype for m in linears4)
+    assert loaded.device_name.startswith('cuda')
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    others = [p for n, p in loaded.model.named_parameters() if not isinstance(p, bnb.nn.Params4bit)]
+    assert others and all(p.dtype == compute for p in others)          # embeddings, norms, head: 16 bit
+    assert weight_file_mb(model_dir) < 0.6 * weight_file_mb(setup['fp32_dir'])
+    # Parameters are counted from the unpacked 4-bit weights: as many as the fp32 model has.
+    fp32_count = sum(a.size for a in setup['fp32'].parameter_arrays().values())
+    assert sum(a.size for a in loaded.parameter_arrays().values()) == fp32_count
+    again = load_compressed_model(model_dir)
+    np.testing.assert_allclose(probabilities(loaded), probabilities(again), atol=1e-6)
+    np.testing.assert_allclose(probabilities(loaded), probabilities(setup['fp32']), atol=0.15)
+
+
+@pytest.mark.parametrize('dtype,torch_dtype', [('fp16', torch.float16), ('bf16', torch.bfloat16)])
+def test_half_precision_runs_on_the_gpu(setup, dtype, torch_dtype):
+    from research_inference import load_compressed_model
+    model_dir, _ = quantize(setup, 'fp16', dtype)
+    gpu = load_compressed_model(model_dir, device='cuda')
+    assert gpu.device_name.startswith('cuda')
+    assert all(p.dtype == torch_dtype and p.is_cuda for p in gpu.model.parameters())
+    np.testing.assert_allclose(probabilities(gpu), probabilities(setup['fp32']), atol=0.02 if dtype == 'fp16' else 0.05)
+
+
+def test_pipeline_on_gpu_with_mixed_precision_online_teacher_and_nf4(tmp_path, teacher_checkpoint):
+    """kd_prune_quant on the GPU: multi_level KD (teacher online in half precision), mixed-precision
+    training, magnitude pruning, NF4 quantization; the output contract is written and the stages load."""
+    from research_inference import load_compressed_model
+    code = run_cli(fast_args(tmp_path / 'out', pipeline='kd_prune_quant', teacher_checkpoint=teacher_checkpoint,
+                             student_layers=2, kd_method='multi_level', quant_method='int4', quant_dtype='nf4',
+                             cache_dir=tmp_path / 'cache', save_all_stages=True))
+    assert code == 0
+    with open(tmp_path / 'out' / 'results_final.json', encoding='utf-8') as fh:
+        stages = json.load(fh)['stages']
+    assert [s['stage'] for s in stages] == ['baseline', 'kd', 'prune', 'quant']
+    assert all(np.isfinite(s['f1_macro']) for s in stages)
+    for stage in stages:
+        assert len(load_compressed_model(stage['model_dir']).predict(PROBE_TEXTS)) == len(PROBE_TEXTS)
