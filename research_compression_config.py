@@ -8,7 +8,7 @@ registries in the technique modules, so adding a method is adding one function a
 import argparse
 import json
 import os
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from research_errors import UsageError
 from research_kd import KD_METHODS, parse_layer_map
@@ -257,36 +257,51 @@ def parse_student_layers(value: str):
     return count
 
 
-def stage_flow(args: argparse.Namespace) -> List[str]:
+def stage_flow(args: argparse.Namespace, pipeline: Optional[str] = None) -> List[str]:
+    """The stages of `pipeline` (default: --pipeline) with this run's methods."""
+    config = PIPELINE_CONFIGS[pipeline or args.pipeline]
     flow = ['Teacher' + (' (checkpoint)' if args.teacher_checkpoint else ' (fine-tune)')]
-    if args.enable_kd:
+    if config['enable_kd']:
         flow.append(f'KD[{args.kd_method}] -> Student')
-    if args.enable_pruning:
+    if config['enable_pruning']:
         flow.append(f'Prune[{args.prune_method} {args.prune_sparsity:.0%}]' + (' -> Fine-tune' if args.fine_tune_after_prune else ''))
-    if args.enable_quantization:
+    if config['enable_quantization']:
         flow.append(f'Quantize[{args.quant_method}]')
     flow.append('Evaluate')
     return flow
 
 
-def print_compression_config(args: argparse.Namespace) -> None:
+def planned_techniques(pipelines: Sequence[str]) -> Dict[str, bool]:
+    """Which techniques any of `pipelines` uses (an ablation prints and records the settings of all)."""
+    return {flag: any(PIPELINE_CONFIGS[p][flag] for p in pipelines)
+            for flag in ('enable_kd', 'enable_pruning', 'enable_quantization')}
+
+
+def print_compression_config(args: argparse.Namespace, pipelines: Optional[Sequence[str]] = None) -> None:
+    pipelines = list(pipelines or [args.pipeline])
+    uses = planned_techniques(pipelines)
     print('\n' + '=' * 72)
     print('COMPRESSION CONFIGURATION')
     print('=' * 72)
-    print(f'Pipeline: {args.pipeline.upper()}  ({PIPELINE_CONFIGS[args.pipeline]["description"]})')
-    print('Flow:     ' + ' -> '.join(stage_flow(args)))
+    if len(pipelines) == 1 and not args.run_ablation:
+        print(f'Pipeline: {pipelines[0].upper()}  ({PIPELINE_CONFIGS[pipelines[0]]["description"]})')
+        print('Flow:     ' + ' -> '.join(stage_flow(args, pipelines[0])))
+    else:
+        print(f'Ablation: {len(pipelines)} pipelines as one plan of shared stages')
+        for pipeline in pipelines:
+            print(f'  {pipeline:<15} ' + ' -> '.join(stage_flow(args, pipeline)))
     print(f'Data:     {args.dataset_path}  text={args.text_column}  labels={",".join(args.label_columns)}')
     print(f'          folds={args.num_folds} eval_fold={args.eval_fold} fraction={args.data_fraction} '
           f'max_length={args.max_length} seed={args.seed}')
     print(f'Teacher:  {args.teacher_checkpoint or args.teacher_path}'
           + ('  (checkpoint: skip training)' if args.teacher_checkpoint else f'  epochs={args.teacher_epochs}'))
-    if args.enable_kd:
+    if uses['enable_kd']:
         student = f'derived from teacher, layers={args.student_layers}' if args.student_layers else args.student_path
         print(f'Student:  {student}  method={args.kd_method} alpha={args.kd_alpha} T={args.kd_temperature} epochs={args.epochs}')
-    if args.enable_pruning:
+    if uses['enable_pruning']:
         print(f'Pruning:  {args.prune_method} sparsity={args.prune_sparsity:.0%} layers={args.prune_layers} '
               f'fine-tune={"%d epochs" % args.fine_tune_epochs if args.fine_tune_after_prune else "no"}')
-    if args.enable_quantization:
+    if uses['enable_quantization']:
         print(f'Quant:    {args.quant_method} ({args.quant_dtype})')
     print(f'Output:   {args.output_dir}')
     print('=' * 72 + '\n')
@@ -296,7 +311,15 @@ def config_to_json(args: argparse.Namespace) -> str:
     return json.dumps(vars(args), indent=2, sort_keys=True, default=str)
 
 
-def save_config(args: argparse.Namespace, path: str) -> None:
+def save_config(args: argparse.Namespace, path: str, pipelines: Optional[Sequence[str]] = None) -> None:
+    """The resolved arguments as JSON, with the pipelines this run executes; for an ablation the
+    technique flags say what any of its pipelines uses (`pipeline` is then null: there are several)."""
+    pipelines = list(pipelines or [args.pipeline])
+    record = argparse.Namespace(**vars(args))
+    record.pipelines = pipelines
+    if len(pipelines) > 1 or args.run_ablation:
+        record.pipeline = None
+        vars(record).update(planned_techniques(pipelines))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, 'w', encoding='utf-8') as fh:
-        fh.write(config_to_json(args))
+        fh.write(config_to_json(record))

@@ -104,6 +104,62 @@ def measure_latency(classifier, batch: dict, runs: int = 30, warmup: int = 3) ->
     }
 
 
+class PeakMemory:
+    """Peak memory a block of code adds: resident memory of this process (Linux: the kernel's high-water
+    mark VmHWM, reset through /proc/self/clear_refs so earlier stages do not count) above what was
+    resident when the block began, and, on CUDA, the peak of PyTorch's GPU allocator above its level then.
+    Where the high-water mark cannot be reset (not Linux), `peak_mb` stays None: not measured, not guessed."""
+
+    def __enter__(self):
+        import gc
+        gc.collect()
+        self.peak_mb = self.gpu_peak_mb = None
+        self.rss_supported = _reset_peak_rss()
+        self.rss_before_kb = _proc_status_kb('VmRSS') if self.rss_supported else None
+        self.cuda = _cuda_in_use()
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.gpu_before = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        if self.rss_supported:
+            self.peak_mb = max(_proc_status_kb('VmHWM') - self.rss_before_kb, 0) / 1024.0
+        if self.cuda:
+            import torch
+            torch.cuda.synchronize()
+            self.gpu_peak_mb = max(torch.cuda.max_memory_allocated() - self.gpu_before, 0) / 2 ** 20
+        return False
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open('/proc/self/clear_refs', 'w') as fh:
+            fh.write('5')
+        return _proc_status_kb('VmHWM') is not None
+    except OSError:
+        return False
+
+
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        with open('/proc/self/status', encoding='ascii') as fh:
+            for line in fh:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _cuda_in_use() -> bool:
+    import sys
+    torch = sys.modules.get('torch')
+    return bool(torch is not None and torch.cuda.is_available())
+
+
 def weight_statistics(classifier, pruned_layer_names: Sequence[str]) -> Dict:
     """Parameter counts and sparsity counted from the stored weights of the saved model: over the pruned
     (selected) Linear layers, and over every parameter of the model."""
@@ -147,7 +203,7 @@ def add_relative_metrics(stages: List[Dict]) -> List[Dict]:
 RESULT_COLUMNS = ['stage', 'f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro',
                   'size_mb', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
                   'latency_ms_mean', 'latency_ms_p50', 'latency_ms_p95', 'latency_ms_p99', 'throughput_samples_s',
-                  'compression_ratio', 'speedup', 'model_dir']
+                  'peak_memory_mb', 'compression_ratio', 'speedup', 'model_dir']
 
 
 def flatten_stage(stage: Dict, label_names: Sequence[str]) -> Dict:

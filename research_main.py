@@ -21,6 +21,7 @@ from research_errors import UsageError
 RESULTS_JSON = 'results_final.json'
 RESULTS_CSV = 'results_final.csv'
 CONFIG_JSON = 'config.json'
+RUN_LOG = 'run.log'
 TOOL_MARKER = 'research_compression'
 
 
@@ -52,6 +53,44 @@ def prepare_output_dir(args) -> None:
             raise UsageError(f"--output_dir '{out}' is not empty and does not hold an earlier run of this tool. "
                              'Choose an empty or new folder, or pass --overwrite_output_dir to write into it anyway.')
     os.makedirs(out, exist_ok=True)
+
+
+class TeeToLog:
+    """Everything the run prints also goes to <output_dir>/run.log (progress-bar redraws excepted)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.stream.write(text)
+        if '\r' not in text or '\n' in text.replace('\r', ''):
+            self.log.write(text.replace('\r', ''))
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log.flush()
+
+    def __getattr__(self, name):   # isatty, encoding, fileno...: the terminal's
+        return getattr(self.stream, name)
+
+
+class run_log:
+    """Context: tee stdout and stderr into `path` (appended), restoring both afterwards."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        self.log = open(self.path, 'a', encoding='utf-8')
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = TeeToLog(sys.stdout, self.log), TeeToLog(sys.stderr, self.log)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout, sys.stderr = self.saved
+        self.log.close()
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,29 +211,42 @@ def write_outputs(args, pipelines: List[str], runs: List[Run]) -> None:
     print('\n' + open(os.path.join(args.output_dir, 'ablation_summary.md'), encoding='utf-8').read())
 
 
+def check_dataset(args) -> None:
+    from research_data import load_labeled_csv
+    load_labeled_csv(args.dataset_path, args.text_column, args.label_columns)
+
+
+def run_and_report(args, pipelines: List[str]) -> None:
+    # Configuration, printed and saved before any long work
+    print_compression_config(args, pipelines)
+    save_config(args, os.path.join(args.output_dir, CONFIG_JSON), pipelines)
+    started = time.time()
+
+    # Stages (shared between pipelines, reused from the stage store), then evaluation of each
+    runs = run_plan(args, pipelines)
+
+    # Results, ablation summary and plots
+    write_outputs(args, pipelines, runs)
+    from research_eval import format_stage_table
+    if len(runs) == 1 and not args.run_ablation:
+        print('\n' + format_stage_table(runs[0].stages[args.pipeline]))
+    trained = sum(1 for r in runs for e in r.events if not e['reused'])
+    print(f'\n[done] {", ".join(pipelines)} in {time.time() - started:.0f} s ({trained} stage(s) run, the rest '
+          f'reused); results in {args.output_dir}')
+
+
 def main(args_list: Optional[List[str]] = None) -> int:
     try:
         # Arguments, output folder, configuration (printed and saved before any long work)
         args = parse_compression_arguments(args_list)
         args.tool = TOOL_MARKER
         pipelines = args.ablation_pipelines if args.run_ablation else [args.pipeline]
-        prepare_output_dir(args)
-        print_compression_config(args)
-        save_config(args, os.path.join(args.output_dir, CONFIG_JSON))
+        # Bad methods and bad data are refused before an earlier run in --output_dir is archived.
         check_methods(args, pipelines)
-        started = time.time()
-
-        # Stages (shared between pipelines, reused from the stage store), then evaluation of each
-        runs = run_plan(args, pipelines)
-
-        # Results, ablation summary and plots
-        write_outputs(args, pipelines, runs)
-        from research_eval import format_stage_table
-        if len(runs) == 1 and not args.run_ablation:
-            print('\n' + format_stage_table(runs[0].stages[args.pipeline]))
-        trained = sum(1 for r in runs for e in r.events if not e['reused'])
-        print(f'\n[done] {", ".join(pipelines)} in {time.time() - started:.0f} s ({trained} stage(s) run, the rest '
-              f'reused); results in {args.output_dir}')
+        check_dataset(args)
+        prepare_output_dir(args)
+        with run_log(os.path.join(args.output_dir, RUN_LOG)):
+            run_and_report(args, pipelines)
     except UsageError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return exc.exit_code

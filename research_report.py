@@ -235,7 +235,8 @@ def aggregate_runs(paths: Sequence[str]) -> pd.DataFrame:
         configs.append(config)
     if not rows:
         raise SystemExit('error: no results_final.json found under the given paths.')
-    ignore = {'output_dir', 'overwrite_output_dir', 'tool', 'ablation_pipelines', 'run_ablation', 'save_all_stages'}
+    ignore = {'output_dir', 'overwrite_output_dir', 'tool', 'ablation_pipelines', 'run_ablation', 'save_all_stages',
+              'pipelines'}
     keys = sorted({k for c in configs for k in c} - ignore)
     varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
     frame = pd.DataFrame(rows)

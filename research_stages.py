@@ -297,13 +297,19 @@ class StageRunner:
         if node.key in self.evaluations:
             return dict(self.evaluations[node.key])
         from research_data import tokenized_splits
-        from research_eval import evaluate_saved_model
+        from research_eval import PeakMemory, evaluate_saved_model, latency_batch
         from research_inference import load_compressed_model
         from research_pruning import weight_names_in_group
         args = self.args
-        classifier = load_compressed_model(node.path)
-        test = tokenized_splits(self.data, classifier.tokenizer, args.max_length, args.cache_dir).test
-        result = {'stage': STAGE_NAMES[node.kind]}
+        # Peak memory of deployment: loading the saved model and predicting one latency batch.
+        with PeakMemory() as memory:
+            classifier = load_compressed_model(node.path)
+            test = tokenized_splits(self.data, classifier.tokenizer, args.max_length, args.cache_dir).test
+            classifier.logits(latency_batch(test, classifier.tokenizer, args.latency_batch_size, args.max_length))
+        result = {'stage': STAGE_NAMES[node.kind], 'peak_memory_mb': memory.peak_mb,
+                  'peak_memory_scope': f'load + predict one batch of {args.latency_batch_size} x {args.max_length} tokens'}
+        if memory.gpu_peak_mb is not None:
+            result['peak_gpu_memory_mb'] = memory.gpu_peak_mb
         result.update(evaluate_saved_model(classifier, node.path, test,
                                            weight_names_in_group(node.meta['linear_roles'], args.prune_layers), args.threshold,
                                            args.latency_batch_size, args.max_length, args.latency_runs))

@@ -38,6 +38,17 @@ def test_each_distinct_stage_runs_exactly_once(ablation):
     assert len(ran) == 8
 
 
+def test_config_and_log_describe_the_whole_plan(ablation):
+    out, _ = ablation
+    with open(os.path.join(out, 'config.json'), encoding='utf-8') as fh:
+        config = json.load(fh)
+    assert config['pipelines'] == ALL and config['pipeline'] is None
+    assert config['enable_kd'] and config['enable_pruning'] and config['enable_quantization']
+    with open(os.path.join(out, 'run.log'), encoding='utf-8') as fh:
+        log = fh.read()
+    assert 'Ablation: 8 pipelines' in log and 'kd_prune_quant' in log and '[done]' in log
+
+
 def test_summary_plots_results_and_model_cards(ablation):
     out, _ = ablation
     summary = pd.read_csv(os.path.join(out, 'ablation_summary.csv'))

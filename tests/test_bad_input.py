@@ -133,3 +133,11 @@ def test_teacher_checkpoint_from_another_split_is_refused(tmp_path, capsys, teac
     code, err = run_and_capture(capsys, argv)
     assert code == 2 and 'has seen some of this run' in err
     assert run_cli(argv + ['--allow_teacher_split_mismatch', '--output_dir', str(tmp_path / 'o2')]) == 0
+
+
+def test_bad_dataset_leaves_an_earlier_run_in_place(tmp_path, capsys, tiny_teacher_dir):
+    assert run_cli(args_for(tmp_path, tiny_teacher_dir, teacher_epochs=1)) == 0
+    before = sorted(os.listdir(tmp_path / 'out'))
+    code, err = run_and_capture(capsys, args_for(tmp_path, tiny_teacher_dir, dataset_path=tmp_path / 'typo.csv'))
+    assert code == 2 and 'does not exist' in err
+    assert sorted(os.listdir(tmp_path / 'out')) == before and 'previous_runs' not in before

@@ -13,7 +13,7 @@ PIPELINES = ['baseline', 'kd_only', 'prune_only', 'quant_only', 'kd_prune', 'kd_
 STAGE_KEYS = ['f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro', 'per_label',
               'size_mb', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
               'latency_ms_mean', 'latency_ms_p50', 'latency_ms_p95', 'latency_ms_p99', 'throughput_samples_s',
-              'compression_ratio', 'speedup', 'model_dir']
+              'peak_memory_mb', 'compression_ratio', 'speedup', 'model_dir']
 
 
 def expected_stages(pipeline):
@@ -52,11 +52,16 @@ def test_output_contract(pipeline_runs, pipeline):
         assert set(stage['per_label']['bully']) == {'precision', 'recall', 'f1', 'roc_auc'}
         assert stage['size_mb'] > 0 and stage['latency_ms_p50'] > 0
     assert results['stages'][0]['compression_ratio'] == pytest.approx(1.0)
+    baseline = results['stages'][0]
+    assert baseline['peak_memory_mb'] >= 0.5 * baseline['size_mb']   # the loaded weights are resident
     csv = pd.read_csv(os.path.join(out, 'results_final.csv'))
     assert list(csv['stage']) == expected_stages(pipeline)
     with open(os.path.join(out, 'config.json'), encoding='utf-8') as fh:
         config = json.load(fh)
-    assert config['pipeline'] == pipeline and config['teacher_checkpoint']
+    assert config['pipeline'] == pipeline and config['pipelines'] == [pipeline] and config['teacher_checkpoint']
+    with open(os.path.join(out, 'run.log'), encoding='utf-8') as fh:
+        log = fh.read()
+    assert 'COMPRESSION CONFIGURATION' in log and '[eval] baseline' in log and '[done]' in log
 
 
 @pytest.mark.parametrize('pipeline', PIPELINES)
@@ -124,3 +129,14 @@ def test_teacher_is_fine_tuned_when_no_checkpoint(teacher_checkpoint):
     with open(os.path.join(os.path.dirname(os.path.dirname(teacher_checkpoint)), 'results_final.json')) as fh:
         f1 = json.load(fh)['stages'][0]['f1_macro']
     assert f1 > 0.0
+
+
+def test_peak_memory_counts_the_block_only():
+    import numpy as np
+    from research_eval import PeakMemory
+    big = np.ones(200 * 2 ** 20 // 8)           # 200 MB resident before the block, then freed
+    del big
+    with PeakMemory() as memory:
+        block = np.ones(60 * 2 ** 20 // 8)      # 60 MB touched inside the block
+        del block
+    assert 50 <= memory.peak_mb < 120
