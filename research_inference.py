@@ -220,7 +220,7 @@ def load_compressed_model(path: str, device: Optional[str] = None) -> Compressed
     by default it stays on the CPU. ONNX models (int8, int4) run on the CPU with ONNX Runtime, and
     bitsandbytes NF4/FP4 models on the GPU they need: asking those for another device is an error."""
     info = read_info(path)
-    # The quantization module registers its own formats (e.g. torch int8) when imported.
+    # Modules that add formats register their loaders when imported.
     import research_quantization  # noqa: F401
     import research_pruning  # noqa: F401  (registers 'hf_structured', structurally pruned models)
     try:
@@ -261,8 +261,10 @@ def main(argv=None) -> int:
         device, argv = argv[1], argv[2:]
     if len(argv) < 2 or argv[0] in ('-h', '--help'):
         print('usage: python research_inference.py [--device cuda] MODEL_DIR "text" ["text" ...]\n'
-              'Prints one JSON object of label probabilities per text (threshold from the model card).\n'
-              '--device puts a PyTorch model (fp32, pruned, fp16/bf16) on that device; default: CPU.')
+              'Prints one JSON object of label probabilities per text; labels at or above the threshold of the\n'
+              "folder's compression_info.json (the --threshold of the run that saved it) are listed.\n"
+              '--device puts a PyTorch model (fp32, pruned, fp16/bf16) on that device (default: CPU); ONNX\n'
+              'models (int8, int4) run on the CPU, bitsandbytes NF4/FP4 models on the GPU.')
         return 0 if argv and argv[0] in ('-h', '--help') else 2
     try:
         model = load_compressed_model(argv[0], device=device)

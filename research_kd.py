@@ -202,12 +202,27 @@ def resolve_layer_pairs(layer_map: Optional[str], student, teacher) -> List[Tupl
     depth_S, depth_T = student.config.num_hidden_layers, teacher.config.num_hidden_layers
     if not layer_map:
         return default_layer_pairs(depth_S, depth_T, getattr(student.config, 'derived_from_teacher_layers', None))
+    return check_layer_map_range(layer_map, depth_S, depth_T)
+
+
+def check_layer_map_range(layer_map: str, depth_S: int, depth_T: int) -> List[Tuple[int, int]]:
     pairs = parse_layer_map(layer_map)
     bad = [f'{s}:{t}' for s, t in pairs if not (0 <= s < depth_S and 0 <= t < depth_T)]
     if bad:
         raise UsageError(f"--kd_layer_map '{layer_map}': pair(s) {', '.join(bad)} out of range; student layers are "
                          f'0..{depth_S - 1}, teacher layers 0..{depth_T - 1}.')
     return pairs
+
+
+def configured_depth(path: str) -> Optional[int]:
+    """Encoder depth from a model's config alone (no weights loaded); None if it cannot be read now (the
+    stage that loads the model reports that)."""
+    from transformers import AutoConfig
+    from research_models import resolve_model_path
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(path)).num_hidden_layers
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def same_tokenization(student_tokenizer, teacher_tokenizer) -> bool:
@@ -231,6 +246,16 @@ def check_kd_method(args) -> None:
         raise UsageError(f"Unknown --kd_method '{args.kd_method}'. Choose one of: {', '.join(KD_METHODS)}.")
     if args.kd_layer_map:
         parse_layer_map(args.kd_layer_map)
+        # Check the map against both depths now, not after the teacher has been fine-tuned.
+        depth_T = configured_depth(args.teacher_checkpoint or args.teacher_path)
+        if args.student_layers:
+            from research_compression_config import parse_student_layers
+            layers = parse_student_layers(args.student_layers)
+            depth_S = layers if isinstance(layers, int) else len(layers)
+        else:
+            depth_S = configured_depth(args.student_path)
+        if depth_T is not None and depth_S is not None:
+            check_layer_map_range(args.kd_layer_map, depth_S, depth_T)
     if 'attention' in method_features(args.kd_method) and not args.student_layers:
         from research_models import load_tokenizer
         teacher_tokenizer = load_tokenizer(args.teacher_checkpoint or args.teacher_path)

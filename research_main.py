@@ -124,6 +124,16 @@ def write_pipeline_results(folder: str, args, pipeline: str, stages: List[Dict],
     write_json_atomically(os.path.join(folder, RESULTS_JSON), payload)
 
 
+def record_run_threshold(model_dir: str, threshold: float) -> None:
+    """The exported model predicts labels at this run's --threshold (the one its metrics and card use), even
+    when the stage was stored by a run with another threshold (the threshold is not part of a stage's key)."""
+    from research_inference import INFO_FILE, read_info, write_info
+    info = read_info(model_dir)
+    info['threshold'] = threshold
+    os.remove(os.path.join(model_dir, INFO_FILE))   # may be a hard link into the stage store: never write through it
+    write_info(model_dir, info)
+
+
 def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], nodes) -> None:
     """Copy the final stage (every stage with --save_all_stages) out of the stage store into
     `folder/stages/<stage>/`, with a model card; other stages get model_dir null."""
@@ -135,6 +145,7 @@ def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], no
             continue
         target = os.path.join(folder, 'stages', stage['stage'])
         link_or_copy_tree(node.path, target)
+        record_run_threshold(target, args.threshold)
         stage['model_dir'] = os.path.abspath(target)
         write_model_card(target, pipeline, stage, vars(args))
 

@@ -28,6 +28,11 @@ def resolve_model_path(name: str) -> str:
 
 
 def _fetch_failed(name: str, exc: Exception) -> UsageError:
+    detail = f'{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else "no detail"}'
+    if os.path.isdir(resolve_model_path(name)):
+        return UsageError(f"Could not load the model in folder '{name}' ({detail}). A model folder needs config.json, "
+                          'the weights (model.safetensors or pytorch_model.bin) and the tokenizer files, as written by '
+                          "save_pretrained; check that the download or copy is complete.")
     return UsageError(
         f"Could not load model '{name}': it is not a local folder and could not be fetched from the Hugging Face "
         f'hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else "no detail"}). Without internet, '
@@ -62,7 +67,10 @@ def load_encoder_for_classification(path: str, label_names: Sequence[str], dropo
             setattr(config, attribute, dropout)
     # fp32 master weights whatever the checkpoint stores (hub models are often saved in bf16/fp16): every
     # stage trains or compresses from fp32; transformers 5 would otherwise keep the stored 16-bit dtype.
-    model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config, dtype=torch.float32)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config, dtype=torch.float32)
+    except (OSError, ValueError) as exc:   # e.g. a config that is there but weights that are not
+        raise _fetch_failed(path, exc)
     return model, load_tokenizer(resolved)
 
 

@@ -135,3 +135,17 @@ def test_report_aggregates_a_sweep(tmp_path, teacher_checkpoint):
     report = pd.read_csv(tmp_path / 'rep' / 'report.csv')
     assert sorted(report['kd_alpha']) == [0.3, 0.9] and len(report) == 2
     assert (tmp_path / 'rep' / 'f1_vs_kd_alpha.png').exists()
+
+
+def test_exported_model_uses_this_runs_threshold(ablation, tmp_path):
+    from research_inference import load_compressed_model
+    _, argv = ablation
+    cache = argv[argv.index('--cache_dir') + 1]
+    out = tmp_path / 'threshold'
+    assert run_cli(fast_args(out, pipeline='quant_only', teacher_path=argv[argv.index('--teacher_path') + 1],
+                             student_layers=2, cache_dir=cache, teacher_epochs=2, epochs=1, threshold=0.3)) == 0
+    assert all(e['reused'] for e in stage_log(str(out)))
+    assert load_compressed_model(str(out / 'stages' / 'quant')).threshold == 0.3
+    stored = [os.path.join(cache, 'stages', d) for d in os.listdir(os.path.join(cache, 'stages')) if d.startswith('quant-')]
+    assert stored and all(load_compressed_model(d).threshold == 0.5 for d in stored)
+    assert '0.3' in (out / 'stages' / 'quant' / 'README.md').read_text(encoding='utf-8')

@@ -141,3 +141,14 @@ def test_bad_dataset_leaves_an_earlier_run_in_place(tmp_path, capsys, tiny_teach
     code, err = run_and_capture(capsys, args_for(tmp_path, tiny_teacher_dir, dataset_path=tmp_path / 'typo.csv'))
     assert code == 2 and 'does not exist' in err
     assert sorted(os.listdir(tmp_path / 'out')) == before and 'previous_runs' not in before
+
+
+def test_model_folder_without_weights_exits_2(tmp_path, capsys, tiny_teacher_dir):
+    import shutil
+    folder = tmp_path / 'incomplete'
+    shutil.copytree(tiny_teacher_dir, folder)
+    for name in os.listdir(folder):
+        if name.endswith(('.safetensors', '.bin')):
+            os.remove(folder / name)
+    code, err = run_and_capture(capsys, args_for(tmp_path, str(folder)))
+    assert code == 2 and 'needs config.json, the weights' in err

@@ -323,6 +323,18 @@ def test_layer_map_default_override_and_errors(teacher):
             parse_layer_map(malformed)
 
 
+def test_out_of_range_layer_map_exits_2_before_the_teacher_trains(tmp_path, capsys, tiny_teacher_dir, monkeypatch):
+    import research_training
+    def no_training(*args, **kwargs):
+        raise AssertionError('the teacher was trained before the layer map was checked')
+    monkeypatch.setattr(research_training, 'train_classifier', no_training)
+    code = run_cli(fast_args(tmp_path / 'out', pipeline='kd_only', kd_method='hidden', teacher_path=tiny_teacher_dir,
+                             student_layers=2, kd_layer_map='0:1,1:7', cache_dir=tmp_path / 'cache'))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert 'out of range' in err and 'teacher layers 0..3' in err
+
+
 def test_malformed_layer_map_exits_2(tmp_path, capsys):
     code = run_cli(fast_args(tmp_path / 'out', pipeline='kd_only', kd_method='hidden', kd_layer_map='0=1'))
     assert code == 2 and '--kd_layer_map' in capsys.readouterr().err
