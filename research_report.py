@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 SUMMARY_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'compression_ratio', 'params_nonzero',
-                   'sparsity_overall', 'latency_ms_p50', 'speedup']
+                   'sparsity_overall', 'latency_ms_p50', 'speedup', 'peak_memory_mb']
 DELTA_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'latency_ms_p50']
 
 
@@ -60,7 +60,7 @@ def _cell(value, std=None, spec='.4f'):
 def summary_markdown(summary: pd.DataFrame, label_names: Sequence[str], split_note: str) -> str:
     columns = [('f1_macro', '.4f'), ('delta_f1_macro', '+.4f'), ('f1_weighted', '.4f'), ('f1_micro', '.4f'),
                ('exact_match', '.4f'), ('size_mb', '.2f'), ('compression_ratio', '.2f'), ('params_nonzero', ',.0f'),
-               ('sparsity_overall', '.1%'), ('latency_ms_p50', '.2f'), ('speedup', '.2f')]
+               ('sparsity_overall', '.1%'), ('latency_ms_p50', '.2f'), ('speedup', '.2f'), ('peak_memory_mb', '.1f')]
     columns += [(f'f1_{label}', '.3f') for label in label_names]
     header = ['pipeline', 'runs'] + [c for c, _ in columns]
     lines = [f'Scored on {split_note}. Cells are mean ± std over runs where there are several; deltas are against '
