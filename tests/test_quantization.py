@@ -17,7 +17,7 @@ import torch
 from conftest import fast_args, run_cli
 
 # The quantized model's test macro-F1 may be at most this much below the fp32 (pruned) model's.
-F1_TOLERANCE = {'dynamic': 0.05, 'static': 0.05, 'qat': 0.05, 'fp16': 0.01, 'bf16': 0.03, 'int4': 0.10}
+F1_TOLERANCE = {'dynamic': 0.05, 'static': 0.05, 'qat': 0.05, 'fp16': 0.03, 'bf16': 0.03, 'int4': 0.10}
 CASES = {  # case -> (--quant_method, --quant_dtype)
     'dynamic': ('dynamic', None), 'static': ('static', None), 'qat': ('qat', None),
     'fp16': ('fp16', 'fp16'), 'bf16': ('fp16', 'bf16'), 'int4': ('int4', 'int4'),
