@@ -104,60 +104,52 @@ def measure_latency(classifier, batch: dict, runs: int = 30, warmup: int = 3) ->
     }
 
 
-class PeakMemory:
-    """Peak memory a block of code adds: resident memory of this process (Linux: the kernel's high-water
-    mark VmHWM, reset through /proc/self/clear_refs so earlier stages do not count) above what was
-    resident when the block began, and, on CUDA, the peak of PyTorch's GPU allocator above its level then.
-    Where the high-water mark cannot be reset (not Linux), `peak_mb` stays None: not measured, not guessed."""
-
-    def __enter__(self):
-        import gc
-        gc.collect()
-        self.peak_mb = self.gpu_peak_mb = None
-        self.rss_supported = _reset_peak_rss()
-        self.rss_before_kb = _proc_status_kb('VmRSS') if self.rss_supported else None
-        self.cuda = _cuda_in_use()
-        if self.cuda:
-            import torch
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.gpu_before = torch.cuda.memory_allocated()
-        return self
-
-    def __exit__(self, *exc):
-        if self.rss_supported:
-            self.peak_mb = max(_proc_status_kb('VmHWM') - self.rss_before_kb, 0) / 1024.0
-        if self.cuda:
-            import torch
-            torch.cuda.synchronize()
-            self.gpu_peak_mb = max(torch.cuda.max_memory_allocated() - self.gpu_before, 0) / 2 ** 20
-        return False
+# Run in a fresh interpreter by measure_peak_memory: the runtimes are imported first, then the model is
+# loaded and predicts one batch; the kernel's record of the process's peak resident memory is read at the end.
+_PEAK_MEMORY_CHILD = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import onnxruntime, torch, transformers
+import research_inference, research_pruning, research_quantization
+def rss_kb():
+    with open('/proc/self/status') as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith('VmRSS:'))
+runtime_kb = rss_kb()
+classifier = research_inference.load_compressed_model(sys.argv[2])
+batch = classifier.tokenizer([sys.argv[5]] * int(sys.argv[3]), padding='max_length', truncation=True,
+                             max_length=int(sys.argv[4]), return_tensors='pt')
+classifier.logits(dict(batch))
+peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = {'peak_memory_mb': peak_kb / 1024, 'peak_memory_model_mb': (peak_kb - runtime_kb) / 1024}
+if torch.cuda.is_available():
+    result['peak_gpu_memory_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
+print('PEAK_MEMORY ' + json.dumps(result))
+"""
 
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open('/proc/self/clear_refs', 'w') as fh:
-            fh.write('5')
-        return _proc_status_kb('VmHWM') is not None
-    except OSError:
-        return False
-
-
-def _proc_status_kb(field: str) -> Optional[int]:
-    try:
-        with open('/proc/self/status', encoding='ascii') as fh:
-            for line in fh:
-                if line.startswith(field + ':'):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _cuda_in_use() -> bool:
+def measure_peak_memory(model_dir: str, batch_size: int, seq_len: int, text: str) -> Dict:
+    """Peak memory of serving the saved model, measured where nothing else distorts it: a fresh Python
+    process imports the runtimes (PyTorch, transformers, ONNX Runtime), loads `model_dir` and predicts one
+    batch of `batch_size` copies of `text` padded to `seq_len` tokens. `peak_memory_mb` is that process's
+    peak resident memory (what a deployment sees), `peak_memory_model_mb` the part above the runtimes
+    alone; on CUDA `peak_gpu_memory_mb` is PyTorch's GPU allocator peak. Needs Linux (/proc); elsewhere,
+    or if the child fails, the fields are None and the reason is printed - never a guess."""
+    import json
+    import subprocess
     import sys
-    torch = sys.modules.get('torch')
-    return bool(torch is not None and torch.cuda.is_available())
+    empty = {'peak_memory_mb': None, 'peak_memory_model_mb': None}
+    if not os.path.exists('/proc/self/status'):
+        print('[eval] peak memory not measured: needs Linux (/proc)')
+        return empty
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, '-c', _PEAK_MEMORY_CHILD, here, model_dir, str(batch_size), str(seq_len), text],
+                          capture_output=True, text=True, timeout=1800)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith('PEAK_MEMORY ')), None)
+    if proc.returncode != 0 or line is None:
+        reason = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+        print(f'[eval] peak memory of {model_dir} not measured: {reason}')
+        return empty
+    return json.loads(line[len('PEAK_MEMORY '):])
 
 
 def weight_statistics(classifier, pruned_layer_names: Sequence[str]) -> Dict:
@@ -203,7 +195,7 @@ def add_relative_metrics(stages: List[Dict]) -> List[Dict]:
 RESULT_COLUMNS = ['stage', 'f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro',
                   'size_mb', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
                   'latency_ms_mean', 'latency_ms_p50', 'latency_ms_p95', 'latency_ms_p99', 'throughput_samples_s',
-                  'peak_memory_mb', 'compression_ratio', 'speedup', 'model_dir']
+                  'peak_memory_mb', 'peak_memory_model_mb', 'compression_ratio', 'speedup', 'model_dir']
 
 
 def flatten_stage(stage: Dict, label_names: Sequence[str]) -> Dict:

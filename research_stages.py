@@ -27,7 +27,7 @@ NOT_STAGE_SETTINGS = {
     'dataset_path', 'author_name', 'pipeline', 'run_ablation', 'ablation_pipelines', 'output_dir', 'save_all_stages',
     'overwrite_output_dir', 'cache_dir', 'threshold', 'latency_batch_size', 'latency_runs', 'seeds', 'run_full_kfold',
     'enable_kd', 'enable_pruning', 'enable_quantization', 'tool', 'reuse_stages', 'progress_bars',
-    'allow_teacher_split_mismatch', 'eval_fold', 'num_folds', 'seed', 'data_fraction', 'val_fraction', 'text_column',
+    'allow_teacher_split_mismatch', 'measure_peak_memory', 'eval_fold', 'num_folds', 'seed', 'data_fraction', 'val_fraction', 'text_column',
 }
 # Settings of every training run (teacher, student, fine-tuning, QAT).
 TRAINING_SETTINGS = ('batch', 'lr', 'warmup_ratio', 'weight_decay', 'gradient_clip_norm', 'dropout', 'early_stopping_patience',
@@ -297,19 +297,20 @@ class StageRunner:
         if node.key in self.evaluations:
             return dict(self.evaluations[node.key])
         from research_data import tokenized_splits
-        from research_eval import PeakMemory, evaluate_saved_model, latency_batch
+        from research_eval import evaluate_saved_model, measure_peak_memory
         from research_inference import load_compressed_model
         from research_pruning import weight_names_in_group
         args = self.args
-        # Peak memory of deployment: loading the saved model and predicting one latency batch.
-        with PeakMemory() as memory:
-            classifier = load_compressed_model(node.path)
-            test = tokenized_splits(self.data, classifier.tokenizer, args.max_length, args.cache_dir).test
-            classifier.logits(latency_batch(test, classifier.tokenizer, args.latency_batch_size, args.max_length))
-        result = {'stage': STAGE_NAMES[node.kind], 'peak_memory_mb': memory.peak_mb,
-                  'peak_memory_scope': f'load + predict one batch of {args.latency_batch_size} x {args.max_length} tokens'}
-        if memory.gpu_peak_mb is not None:
-            result['peak_gpu_memory_mb'] = memory.gpu_peak_mb
+        classifier = load_compressed_model(node.path)
+        test = tokenized_splits(self.data, classifier.tokenizer, args.max_length, args.cache_dir).test
+        result = {'stage': STAGE_NAMES[node.kind]}
+        if args.measure_peak_memory:
+            result.update(measure_peak_memory(node.path, args.latency_batch_size, args.max_length,
+                                               self.data.texts[int(self.data.test_idx[0])]))
+            result['peak_memory_scope'] = (f'fresh process: runtimes imported, model loaded, one batch of '
+                                           f'{args.latency_batch_size} x {args.max_length} tokens predicted')
+        else:
+            result.update({'peak_memory_mb': None, 'peak_memory_model_mb': None, 'peak_memory_scope': 'not measured (--no_peak_memory)'})
         result.update(evaluate_saved_model(classifier, node.path, test,
                                            weight_names_in_group(node.meta['linear_roles'], args.prune_layers), args.threshold,
                                            args.latency_batch_size, args.max_length, args.latency_runs))

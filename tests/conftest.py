@@ -73,8 +73,9 @@ def tiny_student_dir(tmp_path_factory):
     return build_encoder(path, build_tokenizer(path, vocab_size=300), hidden=24, layers=2, heads=2, intermediate=48, seed=1)
 
 
-def fast_args(output_dir, **overrides):
-    """CLI arguments for a quick run on the sample CSV with tiny models."""
+def fast_args(output_dir, measure_memory=False, **overrides):
+    """CLI arguments for a quick run on the sample CSV with tiny models (peak memory, which costs a fresh
+    process per stage, only where a test asks for it)."""
     settings = {
         'dataset_path': SAMPLE_CSV, 'author_name': 'tests', 'output_dir': str(output_dir), 'num_folds': '1',
         'max_length': '32', 'batch': '16', 'lr': '5e-4', 'teacher_epochs': '2', 'epochs': '2', 'fine_tune_epochs': '1',
@@ -85,7 +86,7 @@ def fast_args(output_dir, **overrides):
     for key, value in settings.items():
         argv += [f'--{key}', value]
     argv += [f'--{k}' for k, v in overrides.items() if v is True]
-    return argv
+    return argv if measure_memory else argv + ['--no_peak_memory']
 
 
 def run_cli(argv):

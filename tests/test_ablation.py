@@ -58,7 +58,6 @@ def test_summary_plots_results_and_model_cards(ablation):
         assert column in summary.columns, column
     base = summary.set_index('pipeline').loc['baseline']
     assert base['delta_f1_macro'] == 0 and base['compression_ratio'] == pytest.approx(1.0)
-    assert (summary['peak_memory_mb'] > 0).all()
     assert summary.set_index('pipeline').loc['kd_prune_quant', 'size_mb'] < base['size_mb'] / 3
     markdown = open(os.path.join(out, 'ablation_summary.md'), encoding='utf-8').read()
     assert 'test split hash' in markdown and markdown.count('\n| ') >= 9
