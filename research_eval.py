@@ -107,19 +107,20 @@ def measure_latency(classifier, batch: dict, runs: int = 30, warmup: int = 3) ->
 # Run in a fresh interpreter by measure_peak_memory: the runtimes are imported first, then the model is
 # loaded and predicts one batch; the kernel's record of the process's peak resident memory is read at the end.
 _PEAK_MEMORY_CHILD = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
 import onnxruntime, torch, transformers
 import research_inference, research_pruning, research_quantization
-def rss_kb():
+def status_kb(field):
     with open('/proc/self/status') as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith('VmRSS:'))
-runtime_kb = rss_kb()
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ':'))
+runtime_kb = status_kb('VmRSS')
 classifier = research_inference.load_compressed_model(sys.argv[2])
 batch = classifier.tokenizer([sys.argv[5]] * int(sys.argv[3]), padding='max_length', truncation=True,
                              max_length=int(sys.argv[4]), return_tensors='pt')
 classifier.logits(dict(batch))
-peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM belongs to this process's own memory map; ru_maxrss would start from the parent's RSS at fork.
+peak_kb = status_kb('VmHWM')
 result = {'peak_memory_mb': peak_kb / 1024, 'peak_memory_model_mb': (peak_kb - runtime_kb) / 1024}
 if torch.cuda.is_available():
     result['peak_gpu_memory_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
