@@ -40,6 +40,15 @@ class CompressedClassifier:
     def logits(self, batch: dict) -> np.ndarray:
         raise NotImplementedError
 
+    def to(self, device) -> 'CompressedClassifier':
+        """Run on `device`. Only PyTorch models move; an ONNX model runs on the CPU with ONNX Runtime."""
+        import torch
+        if torch.device(device).type != 'cpu':
+            raise UsageError(f"This is an ONNX model ({self.info.get('weight_dtype', '')}); it runs on the CPU with "
+                             f'ONNX Runtime, not on {device}. Load it without a device, or quantize with '
+                             '--quant_method fp16 (or int4 --quant_dtype nf4) for a GPU model.')
+        return self
+
     def parameter_arrays(self) -> Dict[str, np.ndarray]:
         """Every stored parameter as an array, keyed by the PyTorch parameter name where one is known."""
         raise NotImplementedError
@@ -67,6 +76,10 @@ class TorchClassifier(CompressedClassifier):
 
     def to(self, device) -> 'TorchClassifier':
         """Move the model to `device` ('cpu', 'cuda', 'cuda:1', ...), keeping its stored precision."""
+        import torch
+        if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
+            raise UsageError(f'--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False); '
+                             'use the default CPU.')
         self.model.to(device)
         self.device = next(self.model.parameters()).device
         self.device_name = str(self.device)
@@ -176,6 +189,13 @@ class BitsAndBytesClassifier(TorchClassifier):
     """A bitsandbytes NF4/FP4 model on a CUDA GPU. Its 4-bit weights are packed two per byte (uint8) with
     per-block scales, so they are unpacked to count parameters and zeros (NF4 and FP4 store 0 exactly)."""
 
+    def to(self, device) -> 'BitsAndBytesClassifier':
+        """Loaded on the current GPU already; 4-bit weights do not move, and never off the GPU."""
+        import torch
+        if torch.device(device).type != 'cuda':
+            raise UsageError('This model holds bitsandbytes 4-bit weights, which run only on a CUDA GPU.')
+        return self
+
     def parameter_arrays(self) -> Dict[str, np.ndarray]:
         import bitsandbytes as bnb
         arrays = {}
@@ -229,29 +249,7 @@ def load_compressed_model(path: str, device: Optional[str] = None) -> Compressed
         raise UsageError(f"'{path}' has format '{info['format']}', which this version cannot load "
                          f"(known: {', '.join(MODEL_LOADERS)}).")
     classifier = loader(path, info)
-    return classifier if device is None else place_on_device(classifier, device, path)
-
-
-def place_on_device(classifier: CompressedClassifier, device: str, path: str) -> CompressedClassifier:
-    import torch
-    if isinstance(classifier, TorchClassifier):
-        if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False); "
-                             'use the default CPU.')
-        if info_format(classifier) == 'hf_bnb4':   # loaded on the current GPU already; 4-bit weights do not move
-            if torch.device(device).type != 'cuda':
-                raise UsageError(f"'{path}' holds bitsandbytes 4-bit weights, which run only on a CUDA GPU.")
-            return classifier
-        return classifier.to(device)
-    if torch.device(device).type != 'cpu':
-        raise UsageError(f"'{path}' is an ONNX model ({classifier.info.get('weight_dtype', '')}); it runs on the CPU with "
-                         f'ONNX Runtime, not on {device}. Load it without a device, or quantize with '
-                         '--quant_method fp16 (or int4 --quant_dtype nf4) for a GPU model.')
-    return classifier
-
-
-def info_format(classifier: CompressedClassifier) -> str:
-    return classifier.info.get('format', '')
+    return classifier if device is None else classifier.to(device)
 
 
 def main(argv=None) -> int:

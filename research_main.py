@@ -6,6 +6,7 @@ writes the results, the ablation summary and plots.
     python research_main.py --run_ablation --seeds 42,43,44 --dataset_path data.csv --author_name me ...
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -75,22 +76,16 @@ class TeeToLog:
         return getattr(self.stream, name)
 
 
-class run_log:
-    """Context: tee stdout and stderr into `path` (appended), restoring both afterwards."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __enter__(self):
-        self.log = open(self.path, 'a', encoding='utf-8')
-        self.saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = TeeToLog(sys.stdout, self.log), TeeToLog(sys.stderr, self.log)
-        return self
-
-    def __exit__(self, *exc):
-        sys.stdout, sys.stderr = self.saved
-        self.log.close()
-        return False
+@contextlib.contextmanager
+def run_log(path: str):
+    """Tee stdout and stderr into `path` (appended), restoring both afterwards."""
+    saved = sys.stdout, sys.stderr
+    with open(path, 'a', encoding='utf-8') as log:
+        sys.stdout, sys.stderr = TeeToLog(sys.stdout, log), TeeToLog(sys.stderr, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
 
 
 # ---------------------------------------------------------------------------------------------

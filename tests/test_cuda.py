@@ -2,7 +2,6 @@
 NF4/FP4 4-bit weights, fp16/bf16 models on the GPU, and the pipeline with mixed-precision training and
 an online teacher in half precision."""
 
-import copy
 import json
 import os
 
@@ -11,48 +10,18 @@ import pytest
 import torch
 
 from conftest import fast_args, run_cli
+from test_quantization import PROBE_TEXTS, build_setup, probabilities, quantize_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-
-PROBE_TEXTS = ['তুই একটা বেয়াদব', 'ঘরে বসে আয় করুন', 'আজকের খেলা দারুণ হয়েছে', 'ধর্ম নিয়ে কটূক্তি করিস না']
 
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory, teacher_checkpoint):
-    from research_compression_config import parse_compression_arguments
-    from research_data import positive_class_weights, prepare_data, tokenized_splits
-    from research_inference import TorchClassifier, save_hf_classifier
-    from research_models import load_fine_tuned_classifier
-    root = tmp_path_factory.mktemp('cuda')
-    args = parse_compression_arguments(fast_args(root / 'out', pipeline='quant_only', teacher_checkpoint=teacher_checkpoint,
-                                                 cache_dir=root / 'cache'))
-    data = prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, args.eval_fold,
-                        args.data_fraction, args.val_fraction, args.seed)
-    model, tokenizer = load_fine_tuned_classifier(teacher_checkpoint, args.label_columns)
-    splits = tokenized_splits(data, tokenizer, args.max_length, args.cache_dir)
-    info = {'label_names': list(args.label_columns), 'max_length': args.max_length, 'threshold': args.threshold}
-    fp32_dir = str(root / 'fp32')
-    save_hf_classifier(model, tokenizer, fp32_dir, info)
-    return {'root': root, 'args': args, 'model': model, 'tokenizer': tokenizer, 'splits': splits, 'info': info,
-            'pos_weight': positive_class_weights(data.labels[data.train_idx]), 'fp32_dir': fp32_dir,
-            'fp32': TorchClassifier(copy.deepcopy(model), tokenizer, args.label_columns, args.max_length,
-                                    args.threshold, info)}
+    return build_setup(tmp_path_factory.mktemp('cuda'), teacher_checkpoint)
 
 
 def quantize(setup, method, dtype):
-    from research_inference import write_info
-    from research_quantization import quantize_and_save
-    args = copy.copy(setup['args'])
-    args.quant_method, args.quant_dtype = method, dtype
-    model_dir = str(setup['root'] / dtype)
-    saved = quantize_and_save(setup['model'], setup['tokenizer'], model_dir, args, setup['splits'].train,
-                              setup['splits'].val, setup['pos_weight'])
-    write_info(model_dir, {**setup['info'], **saved})
-    return model_dir, saved
-
-
-def probabilities(classifier):
-    return np.array([[row[k] for k in classifier.label_names] for row in classifier.predict(PROBE_TEXTS)])
+    return quantize_case(setup, dtype, method, dtype)
 
 
 def weight_file_mb(folder):

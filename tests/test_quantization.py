@@ -51,20 +51,18 @@ def prune_encoder_linears(model, sparsity=0.5):
     return names
 
 
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory, teacher_checkpoint):
+def build_setup(root, teacher_checkpoint, prune=False, **overrides):
+    """The tiny fine-tuned teacher (its encoder pruned to 50% when `prune`), its data and fp32 copy on disk."""
     from research_compression_config import parse_compression_arguments
     from research_data import positive_class_weights, prepare_data, tokenized_splits
     from research_inference import TorchClassifier, save_hf_classifier
     from research_models import load_fine_tuned_classifier
-    root = tmp_path_factory.mktemp('quant')
     args = parse_compression_arguments(fast_args(root / 'out', pipeline='quant_only', teacher_checkpoint=teacher_checkpoint,
-                                                 cache_dir=root / 'cache', quant_calibration_batches=8,
-                                                 fine_tune_lr=2e-5))
+                                                 cache_dir=root / 'cache', **overrides))
     data = prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, args.eval_fold,
                         args.data_fraction, args.val_fraction, args.seed)
     model, tokenizer = load_fine_tuned_classifier(teacher_checkpoint, args.label_columns)
-    pruned_names = prune_encoder_linears(model)
+    pruned_names = prune_encoder_linears(model) if prune else []
     splits = tokenized_splits(data, tokenizer, args.max_length, args.cache_dir)
     info = {'label_names': list(args.label_columns), 'max_length': args.max_length, 'threshold': args.threshold}
     fp32_dir = str(root / 'fp32')
@@ -76,26 +74,34 @@ def setup(tmp_path_factory, teacher_checkpoint):
 
 
 @pytest.fixture(scope='module')
+def setup(tmp_path_factory, teacher_checkpoint):
+    return build_setup(tmp_path_factory.mktemp('quant'), teacher_checkpoint, prune=True, quant_calibration_batches=8,
+                       fine_tune_lr=2e-5)
+
+
+@pytest.fixture(scope='module')
 def quantized(setup):
     """Every CPU case quantized once and saved: case -> (folder, info returned by the quantizer)."""
     with one_torch_thread():
         return quantize_every_case(setup)
 
 
-def quantize_every_case(setup):
+def quantize_case(setup, name, method, dtype):
+    """Quantize the setup's model with one method into <root>/<name>: (folder, info returned by the quantizer)."""
     import copy
     from research_inference import write_info
     from research_quantization import quantize_and_save
-    results = {}
-    for case, (method, dtype) in CASES.items():
-        args = copy.copy(setup['args'])
-        args.quant_method, args.quant_dtype = method, dtype
-        model_dir = str(setup['root'] / case)
-        saved = quantize_and_save(setup['model'], setup['tokenizer'], model_dir, args, setup['splits'].train,
-                                  setup['splits'].val, setup['pos_weight'])
-        write_info(model_dir, {**setup['info'], **saved})
-        results[case] = (model_dir, saved)
-    return results
+    args = copy.copy(setup['args'])
+    args.quant_method, args.quant_dtype = method, dtype
+    model_dir = str(setup['root'] / name)
+    saved = quantize_and_save(setup['model'], setup['tokenizer'], model_dir, args, setup['splits'].train,
+                              setup['splits'].val, setup['pos_weight'])
+    write_info(model_dir, {**setup['info'], **saved})
+    return model_dir, saved
+
+
+def quantize_every_case(setup):
+    return {case: quantize_case(setup, case, method, dtype) for case, (method, dtype) in CASES.items()}
 
 
 def macro_f1(classifier, dataset, threshold=0.5):
