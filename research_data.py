@@ -1,5 +1,5 @@
 """Data: load and validate the CSV, de-duplicate, split (k-fold / holdout), tokenize with an on-disk cache,
-and per-label class weights.
+batch, and per-label class weights.
 
 Duplicate rule: texts are compared after Unicode NFC normalisation and whitespace collapsing. Every
 distinct text becomes one row *before* splitting, so a comment can never sit in both train and test.
@@ -19,9 +19,6 @@ import numpy as np
 import pandas as pd
 
 from research_errors import UsageError
-
-TEXT_DEDUP_NOTE = 'duplicates merged before splitting; conflicting labels resolved per label by majority vote, ties positive'
-
 
 @dataclass
 class PreparedData:
@@ -48,6 +45,11 @@ class PreparedData:
             digest.update(text.encode('utf-8'))
             digest.update(row.tobytes())
         return digest.hexdigest()[:16]
+
+    def identity(self) -> str:
+        """The data a stage is trained on: content, test split and the exact training/validation rows."""
+        return hashlib.sha256(json.dumps([self.content_hash(), self.test_split_hash, self.train_idx.tolist(),
+                                          self.val_idx.tolist()]).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,3 +234,22 @@ class TokenizedSplits:
 def tokenized_splits(data: PreparedData, tokenizer, max_length: int, cache_dir: Optional[str]) -> TokenizedSplits:
     corpus = tokenize_corpus(data, tokenizer, max_length, cache_dir)
     return TokenizedSplits(corpus.select(data.train_idx), corpus.select(data.val_idx), corpus.select(data.test_idx))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------
+
+def batches_of(dataset, tokenizer, batch_size: int):
+    """Padded batches (dicts of tensors) of a tokenized split, in order."""
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                      collate_fn=DataCollatorWithPadding(tokenizer, return_tensors='pt'))
+
+
+def calibration_batches(dataset, tokenizer, num_samples: int, batch_size: int, seed: int) -> List[dict]:
+    """Padded batches (labels included) of `num_samples` training texts drawn with `seed`: what pruning
+    scores weights on (wanda's activation norms, structured pruning's gradient importance)."""
+    order = np.random.default_rng(seed).permutation(len(dataset))[:min(num_samples, len(dataset))]
+    return list(batches_of(dataset.select(np.sort(order)), tokenizer, batch_size))

@@ -1,6 +1,6 @@
-"""Evaluation: quality metrics (multi-label), efficiency metrics measured on the saved artifact, and the
-comparison of every stage against the baseline. One place computes each metric; the results JSON/CSV,
-the ablation table and the model card all read these dictionaries.
+"""Evaluation: quality metrics (multi-label), efficiency metrics measured on the saved artifact, the
+evaluation of a stored stage, and the comparison of every stage against the baseline. One place computes
+each metric; the results JSON/CSV, the ablation table and the model card all read these dictionaries.
 """
 
 import math
@@ -12,12 +12,12 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support,
                              roc_auc_score)
 
+from research_data import batches_of, tokenized_splits
+from research_inference import TorchClassifier, load_compressed_model, sigmoid
+from research_models import weight_names_in_group
+
 # Files that hold model weights; tokenizer files, configs and cards are not counted in size_mb.
 WEIGHT_FILE_SUFFIXES = ('.safetensors', '.onnx', '.onnx_data', '.bin', '.pt', '.gguf')
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def quality_metrics(y_true: np.ndarray, probs: np.ndarray, label_names: Sequence[str], threshold: float = 0.5) -> Dict:
@@ -43,16 +43,6 @@ def quality_metrics(y_true: np.ndarray, probs: np.ndarray, label_names: Sequence
     }
 
 
-def batches_of(dataset, tokenizer, batch_size: int):
-    """Padded batches (dicts of tensors) of a tokenized split, in order."""
-    from transformers import DataCollatorWithPadding
-    collate = DataCollatorWithPadding(tokenizer, return_tensors='pt')
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start:start + batch_size]
-        features = [{k: rows[k][i] for k in rows} for i in range(len(rows['input_ids']))]
-        yield collate(features)
-
-
 def predict_probabilities(classifier, dataset, batch_size: int = 64):
     """(labels, probabilities) of a classifier from `research_inference` on a tokenized split."""
     labels, probs = [], []
@@ -60,6 +50,13 @@ def predict_probabilities(classifier, dataset, batch_size: int = 64):
         labels.append(batch.pop('labels').numpy())
         probs.append(sigmoid(classifier.logits(batch)))
     return np.concatenate(labels), np.concatenate(probs)
+
+
+def macro_f1_of_model(model, tokenizer, dataset, label_names: Sequence[str], max_length: int, threshold: float) -> float:
+    """Macro-F1 of an in-memory PyTorch model on a tokenized split (the same metric code as a stage's)."""
+    classifier = TorchClassifier(model, tokenizer, label_names, max_length, threshold, {})
+    labels, probs = predict_probabilities(classifier, dataset)
+    return quality_metrics(labels, probs, label_names, threshold)['f1_macro']
 
 
 def size_on_disk_mb(model_dir: str) -> float:
@@ -110,7 +107,7 @@ _PEAK_MEMORY_CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import onnxruntime, torch, transformers
-import research_inference, research_pruning, research_quantization
+import research_inference
 def status_kb(field):
     with open('/proc/self/status') as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith(field + ':'))
@@ -193,28 +190,21 @@ def add_relative_metrics(stages: List[Dict]) -> List[Dict]:
     return stages
 
 
-RESULT_COLUMNS = ['stage', 'f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro',
-                  'size_mb', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
-                  'latency_ms_mean', 'latency_ms_p50', 'latency_ms_p95', 'latency_ms_p99', 'throughput_samples_s',
-                  'peak_memory_mb', 'peak_memory_model_mb', 'compression_ratio', 'speedup', 'model_dir']
-
-
-def flatten_stage(stage: Dict, label_names: Sequence[str]) -> Dict:
-    """One CSV row: the scalar metrics, then per-label metrics as `<label>_<metric>` columns."""
-    row = {k: stage.get(k) for k in RESULT_COLUMNS}
-    row.update({k: v for k, v in stage.items() if k not in row and not isinstance(v, (dict, list))})
-    for name in label_names:
-        for metric, value in stage['per_label'][name].items():
-            row[f'{name}_{metric}'] = value
-    return row
-
-
-def format_stage_table(stages: List[Dict]) -> str:
-    def fmt(value, spec):
-        return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-    lines = [f'{"stage":<10} {"F1-macro":>9} {"size MB":>9} {"nonzero":>11} {"sparsity":>9} {"p50 ms":>8} {"x smaller":>9} {"x faster":>9}']
-    for s in stages:
-        lines.append(f'{s["stage"]:<10} {fmt(s["f1_macro"], ".4f"):>9} {fmt(s["size_mb"], ".2f"):>9} {s["params_nonzero"]:>11,} '
-                     f'{fmt(s["sparsity_overall"], ".1%"):>9} {fmt(s["latency_ms_p50"], ".2f"):>8} '
-                     f'{fmt(s["compression_ratio"], ".2f"):>9} {fmt(s["speedup"], ".2f"):>9}')
-    return '\n'.join(lines)
+def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], data, settings) -> Dict:
+    """Every metric of one stored stage, measured on the model loaded back from disk (what is reported is
+    what was saved): quality on the test split, size, weights and sparsity, latency, peak memory."""
+    classifier = load_compressed_model(model_dir)
+    test = tokenized_splits(data, classifier.tokenizer, settings.max_length, settings.cache_dir).test
+    result = {}
+    if settings.measure_peak_memory:
+        result.update(measure_peak_memory(model_dir, settings.latency_batch_size, settings.max_length,
+                                          data.texts[int(data.test_idx[0])]))
+        result['peak_memory_scope'] = (f'fresh process: runtimes imported, model loaded, one batch of '
+                                       f'{settings.latency_batch_size} x {settings.max_length} tokens predicted')
+    else:
+        result.update({'peak_memory_mb': None, 'peak_memory_model_mb': None,
+                       'peak_memory_scope': 'not measured (--no_peak_memory)'})
+    result.update(evaluate_saved_model(classifier, model_dir, test, weight_names_in_group(linear_roles, settings.prune_layers),
+                                       settings.threshold, settings.latency_batch_size, settings.max_length,
+                                       settings.latency_runs))
+    return result

@@ -6,22 +6,33 @@
 
 CLI: python research_inference.py MODEL_DIR "text" ["text" ...]
 
-Every stage folder holds `compression_info.json`, whose `format` picks the loader from `MODEL_LOADERS`.
+This module owns every on-disk format of a stage model: `FORMATS` is one static table, name -> (save,
+load), and `compression_info.json` (written here only) names the format of a folder:
+
+| format        | what the folder holds                                         | runs on              |
+|---------------|---------------------------------------------------------------|----------------------|
+| hf            | `save_pretrained` safetensors (fp32, or fp16/bf16)            | PyTorch, any device  |
+| hf_structured | the same, matrices physically shrunk (shapes in config.json)  | PyTorch, any device  |
+| onnx          | `model.onnx` (int8 / int4 ONNX Runtime graph) + config, tokenizer | ONNX Runtime, CPU |
+| hf_bnb4       | bitsandbytes NF4/FP4 packed weights                           | PyTorch, CUDA only   |
 """
 
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from research_errors import UsageError
+from research_models import build_structurally_pruned_model, is_structurally_pruned, model_inputs
 
 INFO_FILE = 'compression_info.json'
+ONNX_FILE = 'model.onnx'
 
 
-def _sigmoid(x):
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Per-label probability of a multi-label logit."""
     return 1.0 / (1.0 + np.exp(-x))
 
 
@@ -60,7 +71,7 @@ class CompressedClassifier:
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(list(texts[start:start + batch_size]), truncation=True, max_length=self.max_length,
                                    padding=True, return_tensors='pt')
-            probs = _sigmoid(self.logits(dict(batch)))
+            probs = sigmoid(self.logits(dict(batch)))
             results.extend({name: float(p) for name, p in zip(self.label_names, row)} for row in probs)
         return results
 
@@ -87,9 +98,8 @@ class TorchClassifier(CompressedClassifier):
 
     def logits(self, batch: dict) -> np.ndarray:
         import torch
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k in ('input_ids', 'attention_mask', 'token_type_ids')}
         with torch.inference_mode():
-            return self.model(**inputs).logits.float().cpu().numpy()
+            return self.model(**model_inputs(batch, self.device)).logits.float().cpu().numpy()
 
     def parameter_arrays(self) -> Dict[str, np.ndarray]:
         return {name: tensor.detach().float().cpu().numpy() for name, tensor in self.model.state_dict().items()
@@ -158,31 +168,79 @@ def read_info(model_dir: str) -> dict:
         return json.load(fh)
 
 
-def write_info(model_dir: str, info: dict) -> None:
-    with open(os.path.join(model_dir, INFO_FILE), 'w', encoding='utf-8') as fh:
+def _write_info(model_dir: str, info: dict) -> None:
+    """compression_info.json: written aside and renamed (never through an existing file, which may be shared)."""
+    tmp = os.path.join(model_dir, INFO_FILE + '.tmp')
+    with open(tmp, 'w', encoding='utf-8') as fh:
         json.dump(info, fh, indent=2)
+    os.replace(tmp, os.path.join(model_dir, INFO_FILE))
 
 
-def save_hf_classifier(model, tokenizer, model_dir: str, info: dict) -> None:
-    """Hugging Face `save_pretrained` format (safetensors), loadable with `from_pretrained` too."""
+def set_threshold(model_dir: str, threshold: float) -> None:
+    """The decision threshold the folder's model predicts labels at (an exported model carries its run's)."""
+    _write_info(model_dir, {**read_info(model_dir), 'threshold': threshold})
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats: save(model_dir, model, tokenizer, info) and load(model_dir, info) -> CompressedClassifier
+# ---------------------------------------------------------------------------------------------
+
+def save_hf(model_dir: str, model, tokenizer, info: dict) -> dict:
+    """Hugging Face `save_pretrained` format (safetensors), loadable with `from_pretrained` too; a
+    structurally pruned model is marked `hf_structured` (its per-layer shapes are in config.json)."""
     os.makedirs(model_dir, exist_ok=True)
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
-    write_info(model_dir, {'format': 'hf', **info})
+    if is_structurally_pruned(model):
+        info = {**info, 'format': 'hf_structured',
+                'loads_with_from_pretrained': bool(model.config.structured_pruning['loads_with_from_pretrained'])}
+    else:
+        info = {**info, 'format': 'hf'}
+    _write_info(model_dir, info)
+    return info
 
 
-def load_hf_classifier(model_dir: str, info: dict) -> CompressedClassifier:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return TorchClassifier(model, tokenizer, info['label_names'], info['max_length'], info.get('threshold', 0.5), info)
+def save_onnx(model_dir: str, model, tokenizer, info: dict) -> dict:
+    """An ONNX Runtime graph already written to `model_dir/model.onnx`, with the PyTorch model's config and
+    the tokenizer beside it."""
+    if not os.path.isfile(os.path.join(model_dir, ONNX_FILE)):
+        raise FileNotFoundError(f'{model_dir}/{ONNX_FILE} must be written before the folder is saved')
+    tokenizer.save_pretrained(model_dir)
+    model.config.save_pretrained(model_dir)
+    info = {**info, 'format': 'onnx', 'onnx_file': ONNX_FILE}
+    _write_info(model_dir, info)
+    return info
 
 
-def load_onnx_classifier(model_dir: str, info: dict) -> CompressedClassifier:
+def save_bnb4(model_dir: str, model, tokenizer, info: dict) -> dict:
+    """A bitsandbytes 4-bit model: `save_pretrained` stores the packed weights and their statistics."""
+    os.makedirs(model_dir, exist_ok=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    info = {**info, 'format': 'hf_bnb4'}
+    _write_info(model_dir, info)
+    return info
+
+
+def _torch_classifier(model, model_dir: str, info: dict, cls=TorchClassifier) -> 'TorchClassifier':
     from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return OnnxClassifier(os.path.join(model_dir, info.get('onnx_file', 'model.onnx')), tokenizer, info['label_names'],
-                          info['max_length'], info.get('threshold', 0.5), info)
+    return cls(model, AutoTokenizer.from_pretrained(model_dir), info['label_names'], info['max_length'],
+               info.get('threshold', 0.5), info)
+
+
+def load_hf(model_dir: str, info: dict) -> CompressedClassifier:
+    from transformers import AutoModelForSequenceClassification
+    return _torch_classifier(AutoModelForSequenceClassification.from_pretrained(model_dir), model_dir, info)
+
+
+def load_hf_structured(model_dir: str, info: dict) -> CompressedClassifier:
+    return _torch_classifier(build_structurally_pruned_model(model_dir), model_dir, info)
+
+
+def load_onnx(model_dir: str, info: dict) -> CompressedClassifier:
+    from transformers import AutoTokenizer
+    return OnnxClassifier(os.path.join(model_dir, info.get('onnx_file', ONNX_FILE)), AutoTokenizer.from_pretrained(model_dir),
+                          info['label_names'], info['max_length'], info.get('threshold', 0.5), info)
 
 
 class BitsAndBytesClassifier(TorchClassifier):
@@ -207,30 +265,30 @@ class BitsAndBytesClassifier(TorchClassifier):
         return arrays
 
 
-def load_bitsandbytes_4bit_classifier(model_dir: str, info: dict) -> CompressedClassifier:
+def load_bnb4(model_dir: str, info: dict) -> CompressedClassifier:
     """A bitsandbytes NF4/FP4 model (--quant_method int4 --quant_dtype nf4|fp4): loads on a CUDA GPU only."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     if not torch.cuda.is_available():
         raise UsageError(f"'{model_dir}' holds {info.get('weight_dtype', '4-bit').upper()} weights of bitsandbytes, "
                          'which load and run only on a CUDA GPU (with `pip install bitsandbytes`); this machine has '
                          'none. For a CPU model, quantize with --quant_method int4 --quant_dtype int4.')
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, device_map={'': torch.cuda.current_device()})
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return BitsAndBytesClassifier(model, tokenizer, info['label_names'], info['max_length'], info.get('threshold', 0.5),
-                                  info)
+    return _torch_classifier(model, model_dir, info, BitsAndBytesClassifier)
 
 
-# format name (compression_info.json "format") -> loader(model_dir, info)
-MODEL_LOADERS: Dict[str, Callable[[str, dict], CompressedClassifier]] = {
-    'hf': load_hf_classifier,
-    'onnx': load_onnx_classifier,
-    'hf_bnb4': load_bitsandbytes_4bit_classifier,
+class StorageFormat(NamedTuple):
+    save: Callable[[str, object, object, dict], dict]
+    load: Callable[[str, dict], CompressedClassifier]
+
+
+# compression_info.json "format" -> how such a folder is written and read
+FORMATS: Dict[str, StorageFormat] = {
+    'hf': StorageFormat(save_hf, load_hf),
+    'hf_structured': StorageFormat(save_hf, load_hf_structured),
+    'onnx': StorageFormat(save_onnx, load_onnx),
+    'hf_bnb4': StorageFormat(save_bnb4, load_bnb4),
 }
-
-
-def register_model_loader(format_name: str, loader: Callable[[str, dict], CompressedClassifier]) -> None:
-    MODEL_LOADERS[format_name] = loader
 
 
 def load_compressed_model(path: str, device: Optional[str] = None) -> CompressedClassifier:
@@ -240,16 +298,19 @@ def load_compressed_model(path: str, device: Optional[str] = None) -> Compressed
     by default it stays on the CPU. ONNX models (int8, int4) run on the CPU with ONNX Runtime, and
     bitsandbytes NF4/FP4 models on the GPU they need: asking those for another device is an error."""
     info = read_info(path)
-    # Modules that add formats register their loaders when imported.
-    import research_quantization  # noqa: F401
-    import research_pruning  # noqa: F401  (registers 'hf_structured', structurally pruned models)
-    try:
-        loader = MODEL_LOADERS[info['format']]
-    except KeyError:
-        raise UsageError(f"'{path}' has format '{info['format']}', which this version cannot load "
-                         f"(known: {', '.join(MODEL_LOADERS)}).")
-    classifier = loader(path, info)
+    if info.get('format') not in FORMATS:
+        raise UsageError(f"'{path}' has format '{info.get('format')}', which this version cannot load "
+                         f"(known: {', '.join(FORMATS)}).")
+    classifier = FORMATS[info['format']].load(path, info)
     return classifier if device is None else classifier.to(device)
+
+
+def load_trainable_model(path: str):
+    """(model, tokenizer) of a saved PyTorch stage (teacher, student, pruned) that a later stage trains on."""
+    classifier = load_compressed_model(path)
+    if not isinstance(classifier, TorchClassifier):
+        raise UsageError(f'the stage at {path} is not a PyTorch model and cannot be trained further.')
+    return classifier.model, classifier.tokenizer
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Knowledge distillation: the student (loaded, or derived from the teacher), the distillation losses, the
-intermediate-layer matches, the teacher-logit cache and the distillation trainer (a Hugging Face `Trainer`
-with a distillation `compute_loss`).
+intermediate-layer matches, the teacher-logit cache, the distillation trainer (a Hugging Face `Trainer`
+with a distillation `compute_loss`), `validate(args)` and the KD step.
 
     loss = alpha * T^2 * BCE(student/T, sigmoid(teacher/T))          (Hinton et al. 2015, per label)
          + (1 - alpha) * BCE(labels, pos_weight)
@@ -12,6 +12,7 @@ picks which intermediate terms are added (`KD_METHODS`); each term is a small lo
 signature `(feature_S, feature_T, mask=None)` (`MATCH_LOSSES`), as in TextBrewer.
 """
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -23,8 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from research_data import batches_of, tokenized_splits, tokenizer_fingerprint
 from research_errors import UsageError
-from research_training import MultiLabelTrainer, model_inputs, train_classifier
+from research_inference import load_trainable_model, save_hf
+from research_models import (configured_depth, linear_weight_roles, load_encoder_for_classification, load_tokenizer,
+                             model_inputs, weights_fingerprint)
+from research_training import MultiLabelTrainer, make_trainer, run_training, stage_info, training_pos_weight
 
 # Columns that carry the teacher's own tokenization through the student's training set (different tokenizers).
 TEACHER_TOKEN_PREFIX = 'teacher_'
@@ -71,10 +76,6 @@ MATCH_LOSSES: Dict[str, Callable] = {
     'hidden_mse': hidden_mse_loss,
     'attention_kl': attention_kl_loss,
 }
-
-
-def register_match_loss(name: str, loss: Callable) -> None:
-    MATCH_LOSSES[name] = loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,10 +151,6 @@ KD_METHODS: Dict[str, Callable] = {
 }
 
 
-def register_kd_method(name: str, matches: Callable) -> None:
-    KD_METHODS[name] = matches
-
-
 def method_features(kd_method: str) -> set:
     """The intermediate features a method compares (empty for `logit`)."""
     return {m.feature for m in KD_METHODS[kd_method]([(0, 0)], 1.0, 1.0)}
@@ -214,20 +211,8 @@ def check_layer_map_range(layer_map: str, depth_S: int, depth_T: int) -> List[Tu
     return pairs
 
 
-def configured_depth(path: str) -> Optional[int]:
-    """Encoder depth from a model's config alone (no weights loaded); None if it cannot be read now (the
-    stage that loads the model reports that)."""
-    from transformers import AutoConfig
-    from research_models import resolve_model_path
-    try:
-        return AutoConfig.from_pretrained(resolve_model_path(path)).num_hidden_layers
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def same_tokenization(student_tokenizer, teacher_tokenizer) -> bool:
     """True when both models see the same token sequence for every text (same tokenizer fingerprint)."""
-    from research_data import tokenizer_fingerprint
     return tokenizer_fingerprint(student_tokenizer) == tokenizer_fingerprint(teacher_tokenizer)
 
 
@@ -239,27 +224,52 @@ def refuse_attention_across_tokenizers(kd_method: str) -> None:
         'or derive the student from the teacher with --student_layers N (it shares the teacher tokenizer).')
 
 
-def check_kd_method(args) -> None:
-    """Fail before any training if the distillation settings cannot run: unknown method, malformed
-    --kd_layer_map, or attention KD between models with different tokenizers."""
+def parse_student_layers(value: str):
+    """'3' -> 3 (count, chosen uniformly); '0,2,5' -> [0, 2, 5] (explicit teacher layer indices)."""
+    try:
+        if ',' in value:
+            return [int(v) for v in value.split(',') if v.strip()]
+        count = int(value)
+    except ValueError:
+        raise UsageError(f"--student_layers must be a number ('3') or a list of teacher layers ('0,2,5'), got '{value}'.")
+    if count < 1:
+        raise UsageError(f'--student_layers must be at least 1, got {count}.')
+    return count
+
+
+def validate(args) -> None:
+    """Refuse, before any training, distillation settings that cannot run: an unknown method, bad weights, a
+    malformed --student_layers or --kd_layer_map, a derived student deeper than the teacher, a layer map out
+    of range of either depth, or attention KD between models with different tokenizers."""
     if args.kd_method not in KD_METHODS:
         raise UsageError(f"Unknown --kd_method '{args.kd_method}'. Choose one of: {', '.join(KD_METHODS)}.")
+    if not 0.0 <= args.kd_alpha <= 1.0:
+        raise UsageError(f'--kd_alpha must be in [0, 1], got {args.kd_alpha}.')
+    if args.kd_temperature <= 0:
+        raise UsageError(f'--kd_temperature must be positive, got {args.kd_temperature}.')
+    if args.hidden_loss_weight < 0 or args.attention_loss_weight < 0:
+        raise UsageError('--hidden_loss_weight and --attention_loss_weight must be >= 0.')
+    depth_T = configured_depth(args.teacher_checkpoint or args.teacher_path)
+    if args.student_layers:
+        layers = parse_student_layers(args.student_layers)
+        depth_S = layers if isinstance(layers, int) else len(layers)
+        if depth_T is not None:
+            listed = [] if isinstance(layers, int) else layers
+            if depth_S > depth_T or any(not 0 <= i < depth_T for i in listed) or len(set(listed)) != len(listed):
+                raise UsageError(f'--student_layers {args.student_layers} must keep between 1 and {depth_T} distinct '
+                                 f'teacher layers (the teacher has {depth_T}: 0..{depth_T - 1}).')
+    else:
+        depth_S = configured_depth(args.student_path)
     if args.kd_layer_map:
         parse_layer_map(args.kd_layer_map)
-        # Check the map against both depths now, not after the teacher has been fine-tuned.
-        depth_T = configured_depth(args.teacher_checkpoint or args.teacher_path)
-        if args.student_layers:
-            from research_compression_config import parse_student_layers
-            layers = parse_student_layers(args.student_layers)
-            depth_S = layers if isinstance(layers, int) else len(layers)
-        else:
-            depth_S = configured_depth(args.student_path)
         if depth_T is not None and depth_S is not None:
             check_layer_map_range(args.kd_layer_map, depth_S, depth_T)
     if 'attention' in method_features(args.kd_method) and not args.student_layers:
-        from research_models import load_tokenizer
-        teacher_tokenizer = load_tokenizer(args.teacher_checkpoint or args.teacher_path)
-        if not same_tokenization(load_tokenizer(args.student_path), teacher_tokenizer):
+        try:
+            tokenizers = load_tokenizer(args.student_path), load_tokenizer(args.teacher_checkpoint or args.teacher_path)
+        except UsageError:   # not loadable now: the teacher step, which runs first, says why
+            return
+        if not same_tokenization(*tokenizers):
             refuse_attention_across_tokenizers(args.kd_method)
 
 
@@ -298,19 +308,8 @@ def derive_student_from_teacher(teacher, layers: Union[int, Sequence[int]]):
 # Teacher logits, computed once and cached on disk
 # ---------------------------------------------------------------------------------------------
 
-def weights_fingerprint(model) -> str:
-    """Hash of the model class and every stored tensor (name, dtype, shape, values)."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f'{name}|{tensor.dtype}|{tuple(tensor.shape)}'.encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b'')
-    return digest.hexdigest()[:16]
-
-
 def teacher_logits_cache_key(teacher, teacher_tokenizer, data, max_length: int) -> str:
     """Teacher weights + data content (texts, labels) + which rows are trained on + tokenizer + max_length."""
-    from research_data import tokenizer_fingerprint
     rows = hashlib.sha256(np.asarray(data.train_idx, dtype=np.int64).tobytes()).hexdigest()[:12]
     return (f'teacher_logits_{weights_fingerprint(teacher)}_{data.content_hash()}_{rows}_'
             f'{tokenizer_fingerprint(teacher_tokenizer)}_{max_length}.npy')
@@ -318,14 +317,12 @@ def teacher_logits_cache_key(teacher, teacher_tokenizer, data, max_length: int) 
 
 def teacher_logits_on(teacher, teacher_tokenizer, dataset, batch_size: int = 64) -> np.ndarray:
     """Teacher logits for every row of a tokenized split (in the teacher's tokenization), eval mode, no grad."""
-    from research_eval import batches_of
     device = next(teacher.parameters()).device
     teacher.eval()
     chunks = []
     with torch.inference_mode():
         for batch in batches_of(dataset, teacher_tokenizer, batch_size):
-            inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
-            chunks.append(teacher(**inputs).logits.float().cpu().numpy())
+            chunks.append(teacher(**model_inputs(batch, device)).logits.float().cpu().numpy())
     return np.concatenate(chunks).astype(np.float32)
 
 
@@ -397,11 +394,27 @@ def feature_projections(matches: Sequence[FeatureMatch], student, teacher) -> to
 
 def autocast_on_gpu(device: torch.device):
     """Half precision for the frozen teacher on CUDA (bf16 where supported), a no-op elsewhere."""
-    import contextlib
     if device.type != 'cuda':
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast('cuda', dtype=dtype)
+
+
+class StudentWithProjections(torch.nn.Module):
+    """The student and its learned hidden-state projections as one module, so the Trainer optimizes, clips
+    (one gradient norm) and - under DDP - all-reduces both; only `student` is saved as the stage model."""
+
+    def __init__(self, student, projections: torch.nn.ModuleDict):
+        super().__init__()
+        self.student = student
+        self.projections = projections
+
+    @property
+    def config(self):
+        return self.student.config
+
+    def forward(self, **inputs):
+        return self.student(**inputs)
 
 
 class DistillationTrainer(MultiLabelTrainer):
@@ -411,54 +424,45 @@ class DistillationTrainer(MultiLabelTrainer):
     teacher's own tokenization and cached). Intermediate methods run the teacher online: frozen, eval mode,
     no grad, half precision on GPU. When the tokenizers differ, the teacher gets its own tokens
     (`teacher_input_ids`, ...) and hidden states are compared on the first ([CLS]) token only.
-    Evaluation batches are scored on the labels only."""
+    Evaluation batches are scored on the labels only. The model trained is `StudentWithProjections`."""
 
-    def __init__(self, *args, kd_alpha: float, kd_temperature: float, matches: Sequence[FeatureMatch] = (),
+    def __init__(self, *args, model=None, kd_alpha: float, kd_temperature: float, matches: Sequence[FeatureMatch] = (),
                  teacher=None, teacher_tokenizer=None, tokens_aligned: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
+        matches = list(matches)
+        if matches and teacher is None:
+            raise ValueError('intermediate-layer distillation needs the teacher model')
+        if not isinstance(model, StudentWithProjections):
+            projections = feature_projections(matches, model, teacher) if matches else torch.nn.ModuleDict()
+            model = StudentWithProjections(model, projections)
+        super().__init__(*args, model=model, **kwargs)
         self.kd_alpha = kd_alpha
         self.kd_temperature = kd_temperature
-        self.matches = list(matches)
+        self.matches = matches
         self.tokens_aligned = tokens_aligned
         self.last_terms: Dict[str, torch.Tensor] = {}
         self.term_sums: Dict[str, torch.Tensor] = {}
         self.term_steps = 0
-        self.teacher = None
-        self.projections = torch.nn.ModuleDict()
+        self.teacher = teacher.to(self.args.device).eval() if matches else None
         self.previous_attention: Dict[int, tuple] = {}
-        if self.matches:
-            if teacher is None:
-                raise ValueError('intermediate-layer distillation needs the teacher model')
-            self.teacher = teacher.to(self.args.device).eval()
-            self.projections = feature_projections(self.matches, self.model, teacher).to(self.args.device)
-            if self.needs_attention_maps():
-                self.use_eager_attention()
+        if self.needs_attention_maps():
+            self.use_eager_attention()
         if teacher_tokenizer is not None:
             self.data_collator = TeacherTokensCollator(self.data_collator, teacher_tokenizer)
 
-    # -- training setup ------------------------------------------------------------------------
-    def create_optimizer(self, model=None):
-        """The Trainer's optimizer, plus the projections (trained with the student, not part of it)."""
-        optimizer = super().create_optimizer(model)
-        params = [p for p in self.projections.parameters()]
-        in_optimizer = {id(p) for group in optimizer.param_groups for p in group['params']}
-        if params and not any(id(p) in in_optimizer for p in params):
-            optimizer.add_param_group({'params': params, 'weight_decay': 0.0})
-        return optimizer
+    @property
+    def student(self):
+        return self.model.student
 
-    def _clip_grad_norm(self, model):
-        """Clip the student's and the projections' gradients as one vector: they are trained together,
-        and the Trainer alone would clip only the student's (`--gradient_clip_norm` would not bound the
-        projections' steps)."""
-        parameters = [*model.parameters(), *self.projections.parameters()]
-        return self.accelerator.clip_grad_norm_(parameters, self.args.max_grad_norm)
+    @property
+    def projections(self) -> torch.nn.ModuleDict:
+        return self.model.projections
 
     def needs_attention_maps(self) -> bool:
         return any(m.feature == 'attention' for m in self.matches)
 
     def use_eager_attention(self) -> None:
         """Attention maps need the eager attention kernel (SDPA returns none)."""
-        for model in (self.model, self.teacher):
+        for model in (self.student, self.teacher):
             if model.config._attn_implementation != 'eager':
                 self.previous_attention[id(model)] = (model, model.config._attn_implementation)
                 model.set_attn_implementation('eager')
@@ -547,8 +551,6 @@ class DistillationTrainer(MultiLabelTrainer):
 
 def distillation_plan(args, student, teacher, student_tokenizer, teacher_tokenizer) -> Tuple[List[FeatureMatch], bool]:
     """(the intermediate matches of --kd_method, whether both models see the same tokens)."""
-    if args.kd_method not in KD_METHODS:
-        raise UsageError(f"Unknown --kd_method '{args.kd_method}'. Choose one of: {', '.join(KD_METHODS)}.")
     aligned = same_tokenization(student_tokenizer, teacher_tokenizer)
     features = method_features(args.kd_method)
     if 'attention' in features and not aligned:
@@ -573,7 +575,7 @@ def with_teacher_tokens(student_train, teacher_train):
 def distill_student(student, student_tokenizer, student_splits, teacher, teacher_tokenizer, teacher_splits, data,
                     pos_weight, args, work_dir: str, callbacks: Sequence = ()):
     """Train the student against the labels and the teacher (--kd_method); the best validation epoch's
-    weights are restored. Returns (student, trainer); the trainer holds the (unsaved) projections."""
+    weights are restored. Returns (student, trainer); the trainer's model also holds the (unsaved) projections."""
     matches, aligned = distillation_plan(args, student, teacher, student_tokenizer, teacher_tokenizer)
     train = student_splits.train
     trainer_kwargs = dict(kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, matches=matches)
@@ -586,11 +588,26 @@ def distill_student(student, student_tokenizer, student_splits, teacher, teacher
         if not aligned:
             train = with_teacher_tokens(train, teacher_splits.train)
             trainer_kwargs['teacher_tokenizer'] = teacher_tokenizer
-    return train_classifier(
-        student, student_tokenizer, train, student_splits.val, pos_weight, args, work_dir,
-        epochs=args.epochs, learning_rate=args.lr, trainer_class=DistillationTrainer, callbacks=callbacks,
-        training_overrides={'remove_unused_columns': False}, **trainer_kwargs)
+    trainer = make_trainer(student, student_tokenizer, train, student_splits.val, pos_weight, args, work_dir,
+                           epochs=args.epochs, learning_rate=args.lr, trainer_class=DistillationTrainer,
+                           callbacks=callbacks, training_overrides={'remove_unused_columns': False}, **trainer_kwargs)
+    run_training(trainer, work_dir)
+    return trainer.student, trainer
 
 
-def count_parameters(model) -> Dict[str, int]:
-    return {'params_total': sum(p.numel() for p in model.parameters())}
+def step(parent, data, settings, out_dir: str) -> Dict:
+    """KD: the student (derived from the teacher `parent` with --student_layers, or --student_path) trained on
+    the labels and the teacher's soft targets; each model reads its own tokenization of the same texts."""
+    teacher_model, teacher_tokenizer = load_trainable_model(parent.path)
+    if settings.student_layers:
+        student = derive_student_from_teacher(teacher_model, parse_student_layers(settings.student_layers))
+        student_tokenizer = teacher_tokenizer
+    else:
+        student, student_tokenizer = load_encoder_for_classification(settings.student_path, settings.label_columns,
+                                                                     settings.dropout)
+    teacher_splits = tokenized_splits(data, teacher_tokenizer, settings.max_length, settings.cache_dir)
+    student_splits = tokenized_splits(data, student_tokenizer, settings.max_length, settings.cache_dir)
+    student, _ = distill_student(student, student_tokenizer, student_splits, teacher_model, teacher_tokenizer,
+                                 teacher_splits, data, training_pos_weight(data), settings, os.path.join(out_dir, 'work'))
+    save_hf(out_dir, student, student_tokenizer, stage_info(settings, 'kd', data))
+    return {'linear_roles': linear_weight_roles(student)}

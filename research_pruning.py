@@ -5,18 +5,18 @@ Unstructured methods (magnitude, wanda, gradual) zero weights through `torch.nn.
 fine-tuning keeps pruned weights at zero; masks are made permanent before saving. The zeros are still
 stored and multiplied: the file is not smaller and PyTorch is not faster. The structured method removes
 whole attention heads and FFN neurons, so the matrices get physically smaller (fewer parameters, a
-smaller file, lower CPU latency); such a model is saved in the `hf_structured` format, which
-`research_inference.load_compressed_model` reloads.
+smaller file, lower CPU latency); the surgery itself lives with the model (`research_models.shrink_encoder`)
+and such a model is saved in the `hf_structured` format of `research_inference`.
 
 Every method is a small function with one signature, `(model, args, calibration_batches) ->
 (model, callbacks)`, registered in `PRUNE_METHODS`; one-shot methods return no callbacks, gradual
 pruning returns the `Trainer` callback that prunes while fine-tuning. Schedules are functions
-`(t, final_sparsity) -> sparsity` in `PRUNE_SCHEDULES`.
+`(t, final_sparsity) -> sparsity` in `PRUNE_SCHEDULES`. `validate(args)` refuses impossible settings before
+any training; `step` prunes a stored stage, fine-tunes it and saves the result. The technique never sees
+the test split: its before/after diagnostics are scored on the validation split.
 """
 
 import os
-import re
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -25,70 +25,13 @@ from torch import nn
 from torch.nn.utils import prune
 from transformers import TrainerCallback
 
+from research_data import calibration_batches, tokenized_splits
 from research_errors import UsageError
-from research_inference import TorchClassifier, register_model_loader
-
-_ENCODER_LAYER = re.compile(r'\.layer\.\d+\.')
-HEAD_PREFIXES = ('classifier', 'pre_classifier', 'score', 'qa_outputs')
-STRUCTURED_FORMAT = 'hf_structured'
-
-
-def linear_role(module_name: str) -> str:
-    """'attention' or 'ffn' for Linear layers inside an encoder layer, 'head' for the classification
-    head, 'other' for anything else (e.g. the pooler). Works for BERT/ELECTRA/RoBERTa (`encoder.layer.N`)
-    and DistilBERT (`transformer.layer.N`) naming."""
-    if module_name.split('.')[0] in HEAD_PREFIXES:
-        return 'head'
-    if not _ENCODER_LAYER.search(f'.{module_name}.'):
-        return 'other'
-    return 'attention' if 'attention' in module_name else 'ffn'
-
-
-# --prune_layers name -> roles of the Linear layers it selects (the head is never selected)
-PRUNE_LAYER_GROUPS = {
-    'encoder': ('attention', 'ffn'),
-    'attention': ('attention',),
-    'ffn': ('ffn',),
-    'all': ('attention', 'ffn', 'other'),
-}
-
-
-def select_linear_layers(model: nn.Module, group: str) -> Dict[str, nn.Linear]:
-    """The Linear modules `--prune_layers group` selects, by module name."""
-    roles = PRUNE_LAYER_GROUPS[group]
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and linear_role(name) in roles}
-
-
-def linear_weight_roles(model: nn.Module) -> Dict[str, str]:
-    """`<module>.weight` -> role of every Linear layer; stored with each stage so sparsity of any
-    `--prune_layers` group can be counted later, even from a quantized file."""
-    return {f'{name}.weight': linear_role(name) for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-
-
-def weight_names_in_group(roles: Dict[str, str], group: str) -> List[str]:
-    return [name for name, role in roles.items() if role in PRUNE_LAYER_GROUPS[group]]
-
-
-def selected_weight_names(model: nn.Module, group: str) -> List[str]:
-    """Parameter names (`<module>.weight`) of the selected layers, for sparsity accounting."""
-    return [f'{name}.weight' for name in select_linear_layers(model, group)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration data and activation statistics
-# ---------------------------------------------------------------------------------------------
-
-def calibration_batches(dataset, tokenizer, num_samples: int, batch_size: int, seed: int) -> List[dict]:
-    """Padded batches (labels included) of `num_samples` training texts drawn with `seed`; used by wanda
-    (input-activation norms) and structured pruning (gradient-based importance)."""
-    from research_eval import batches_of
-    order = np.random.default_rng(seed).permutation(len(dataset))[:min(num_samples, len(dataset))]
-    return list(batches_of(dataset.select(np.sort(order)), tokenizer, batch_size))
-
-
-def _model_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items() if k in ('input_ids', 'attention_mask', 'token_type_ids')}
+from research_eval import macro_f1_of_model
+from research_inference import load_trainable_model, save_hf
+from research_models import (PRUNE_LAYER_GROUPS, EncoderLayer, encoder_layers, is_structurally_pruned,
+                             linear_weight_roles, model_inputs, select_linear_layers, shrink_encoder)
+from research_training import stage_info, train_classifier, training_pos_weight
 
 
 def collect_input_norms(model: nn.Module, layers: Dict[str, nn.Linear], batches: Sequence[dict]) -> Dict[str, torch.Tensor]:
@@ -113,7 +56,7 @@ def collect_input_norms(model: nn.Module, layers: Dict[str, nn.Linear], batches:
     try:
         with torch.no_grad():
             for batch in batches:
-                inputs = _model_inputs(batch, device)
+                inputs = model_inputs(batch, device)
                 current['tokens'] = inputs['attention_mask'].bool() if 'attention_mask' in inputs else None
                 model(**inputs)
     finally:
@@ -207,18 +150,16 @@ PRUNE_METHODS = {
 }
 
 
-def register_prune_method(name: str, method) -> None:
-    PRUNE_METHODS[name] = method
-
-
-def check_prune_method(name: str) -> None:
-    if name not in PRUNE_METHODS:
-        raise UsageError(f"Unknown --prune_method '{name}'. Choose one of: {', '.join(PRUNE_METHODS)}.")
-
-
-def validate_pruning_arguments(args) -> None:
-    """Reject pruning settings that cannot work, naming the fix (called when the pipeline prunes)."""
-    check_prune_method(args.prune_method)
+def validate(args) -> None:
+    """Reject pruning settings that cannot work, naming the fix, before any training."""
+    if args.prune_method not in PRUNE_METHODS:
+        raise UsageError(f"Unknown --prune_method '{args.prune_method}'. Choose one of: {', '.join(PRUNE_METHODS)}.")
+    if not 0.0 < args.prune_sparsity < 1.0:
+        raise UsageError(f'--prune_sparsity must be in (0, 1), got {args.prune_sparsity}.')
+    if args.prune_frequency < 1:
+        raise UsageError('--prune_frequency must be at least 1.')
+    if args.prune_end_epoch is not None and args.prune_end_epoch <= args.prune_start_epoch:
+        raise UsageError('--prune_end_epoch must be after --prune_start_epoch.')
     if args.prune_method == 'gradual':
         if not args.fine_tune_after_prune or args.fine_tune_epochs < 1:
             raise UsageError('--prune_method gradual prunes while fine-tuning, so it needs fine-tuning: drop '
@@ -325,76 +266,8 @@ class GradualPruningCallback(TrainerCallback):
 
 
 # ---------------------------------------------------------------------------------------------
-# Structured pruning: encoder anatomy, importance, plan, shrinking
+# Structured pruning: importance and plan (the surgery is research_models.shrink_encoder)
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LayerAnatomy:
-    """Where the pieces of one encoder layer live (paths relative to the layer module)."""
-    attention: str          # module holding the head count attributes
-    query: str
-    key: str
-    value: str
-    attention_output: str   # Linear whose input columns are the concatenated head outputs
-    ffn_in: str             # Linear whose output rows are the FFN neurons
-    ffn_out: str            # Linear whose input columns are the FFN neurons
-    ffn_config_attr: str    # config field holding the FFN width
-
-
-ENCODER_ANATOMIES = {
-    'bert': LayerAnatomy('attention.self', 'attention.self.query', 'attention.self.key', 'attention.self.value',
-                         'attention.output.dense', 'intermediate.dense', 'output.dense', 'intermediate_size'),
-    'distilbert': LayerAnatomy('attention', 'attention.q_lin', 'attention.k_lin', 'attention.v_lin',
-                               'attention.out_lin', 'ffn.lin1', 'ffn.lin2', 'hidden_dim'),
-}
-
-_LAYER_MODULE = re.compile(r'(^|\.)layer\.\d+$')
-
-
-def _has_modules(layer: nn.Module, anatomy: LayerAnatomy) -> bool:
-    paths = (anatomy.query, anatomy.key, anatomy.value, anatomy.attention_output, anatomy.ffn_in, anatomy.ffn_out)
-    try:
-        return all(isinstance(layer.get_submodule(p), nn.Linear) for p in paths)
-    except AttributeError:
-        return False
-
-
-@dataclass
-class EncoderLayer:
-    name: str
-    module: nn.Module
-    anatomy: LayerAnatomy
-
-    def linear(self, part: str) -> nn.Linear:
-        return self.module.get_submodule(getattr(self.anatomy, part))
-
-    @property
-    def head_size(self) -> int:
-        return int(self.module.get_submodule(self.anatomy.attention).attention_head_size)
-
-    @property
-    def num_heads(self) -> int:
-        return self.linear('query').out_features // self.head_size
-
-    @property
-    def ffn_width(self) -> int:
-        return self.linear('ffn_in').out_features
-
-
-def encoder_layers(model: nn.Module) -> List[EncoderLayer]:
-    """The encoder layers of a BERT-family (BERT, RoBERTa, ELECTRA, MiniLM) or DistilBERT model, in order."""
-    found = []
-    for name, module in model.named_modules():
-        if _LAYER_MODULE.search(name):
-            anatomy = next((a for a in ENCODER_ANATOMIES.values() if _has_modules(module, a)), None)
-            if anatomy is not None:
-                found.append(EncoderLayer(name, module, anatomy))
-    if not found:
-        raise UsageError(f'--prune_method structured knows the encoder layout of BERT-family models (BERT, RoBERTa, '
-                         f'ELECTRA, MiniLM) and DistilBERT, not {type(model).__name__}. Use --prune_method magnitude, '
-                         'wanda or gradual for this model.')
-    return found
-
 
 def structured_importance(model: nn.Module, layers: List[EncoderLayer], batches: Sequence[dict]):
     """Michel et al. 2019 head importance and its per-neuron analogue: for each layer, the input X of the
@@ -424,7 +297,7 @@ def structured_importance(model: nn.Module, layers: List[EncoderLayer], batches:
     try:
         for batch in batches:
             model.zero_grad(set_to_none=True)
-            logits = model(**_model_inputs(batch, device)).logits
+            logits = model(**model_inputs(batch, device)).logits
             loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), batch['labels'].to(device).float())
             loss.backward()
             for i, layer in enumerate(layers):
@@ -478,117 +351,6 @@ def plan_structured_pruning(layers: List[EncoderLayer], head_scores, neuron_scor
     return plan
 
 
-def keep_output_rows(linear: nn.Linear, index: torch.Tensor) -> None:
-    """Shrink `linear` in place to the output features in `index` (weight rows and bias)."""
-    linear.weight = nn.Parameter(linear.weight.detach().index_select(0, index).clone())
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(linear.bias.detach().index_select(0, index).clone())
-    linear.out_features = len(index)
-
-
-def keep_input_columns(linear: nn.Linear, index: torch.Tensor) -> None:
-    """Shrink `linear` in place to the input features in `index` (weight columns; the bias is kept)."""
-    linear.weight = nn.Parameter(linear.weight.detach().index_select(1, index).clone())
-    linear.in_features = len(index)
-
-
-def shrink_layer(layer: EncoderLayer, keep_heads: Sequence[int], keep_neurons: Sequence[int]) -> None:
-    """Physically remove the heads and FFN neurons of one encoder layer that are not kept."""
-    device = layer.linear('query').weight.device
-    size = layer.head_size
-    if len(keep_heads) < layer.num_heads:
-        channels = torch.tensor([h * size + c for h in keep_heads for c in range(size)], device=device)
-        for part in ('query', 'key', 'value'):
-            keep_output_rows(layer.linear(part), channels)
-        keep_input_columns(layer.linear('attention_output'), channels)
-        attention = layer.module.get_submodule(layer.anatomy.attention)
-        for attribute in ('num_attention_heads', 'n_heads'):
-            if hasattr(attention, attribute):
-                setattr(attention, attribute, len(keep_heads))
-        if hasattr(attention, 'all_head_size'):
-            attention.all_head_size = len(keep_heads) * size
-    if len(keep_neurons) < layer.ffn_width:
-        neurons = torch.tensor(list(keep_neurons), device=device)
-        keep_output_rows(layer.linear('ffn_in'), neurons)
-        keep_input_columns(layer.linear('ffn_out'), neurons)
-
-
-def shrink_encoder(model: nn.Module, layers: List[EncoderLayer], plan) -> None:
-    """Apply `plan` to every layer and record the per-layer shapes in `model.config.structured_pruning`
-    (saved in config.json), so the model can be rebuilt. When no head was removed and every layer keeps
-    the same FFN width, the config's FFN width is updated too and plain `from_pretrained` loads it."""
-    original_heads = [layer.num_heads for layer in layers]
-    for layer, (keep_heads, keep_neurons) in zip(layers, plan):
-        shrink_layer(layer, keep_heads, keep_neurons)
-    widths = [layer.ffn_width for layer in layers]
-    uniform = len(set(widths)) == 1 and all(layer.num_heads == n for layer, n in zip(layers, original_heads))
-    if uniform:
-        setattr(model.config, layers[0].anatomy.ffn_config_attr, widths[0])
-    model.config.structured_pruning = {
-        'layers': [layer.name for layer in layers],
-        'heads_per_layer': [layer.num_heads for layer in layers],
-        'kept_heads': [list(map(int, keep_heads)) for keep_heads, _ in plan],
-        'ffn_width_per_layer': widths,
-        'loads_with_from_pretrained': uniform,
-    }
-
-
-def is_structurally_pruned(model: nn.Module) -> bool:
-    return getattr(model.config, 'structured_pruning', None) is not None
-
-
-def restore_structured_shapes(model: nn.Module, record: dict) -> None:
-    """Shrink a freshly built model to the shapes in a `structured_pruning` record (values are then
-    loaded from the saved weights)."""
-    layers = {layer.name: layer for layer in encoder_layers(model)}
-    for name, heads, width in zip(record['layers'], record['heads_per_layer'], record['ffn_width_per_layer']):
-        shrink_layer(layers[name], list(range(heads)), list(range(width)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving and loading (the `hf_structured` format)
-# ---------------------------------------------------------------------------------------------
-
-def save_pruned_classifier(model, tokenizer, model_dir: str, info: dict) -> dict:
-    """Save a pruned model: Hugging Face `save_pretrained` format; a structurally pruned one is marked
-    `hf_structured` (its per-layer shapes are in config.json). Returns the info written."""
-    from research_inference import save_hf_classifier, write_info
-    save_hf_classifier(model, tokenizer, model_dir, info)
-    if not is_structurally_pruned(model):
-        return {'format': 'hf'}
-    saved = {'format': STRUCTURED_FORMAT,
-             'loads_with_from_pretrained': bool(model.config.structured_pruning['loads_with_from_pretrained'])}
-    write_info(model_dir, {**info, **saved})
-    return saved
-
-
-def load_structured_model(model_dir: str):
-    """Rebuild a structurally pruned classifier: architecture from config.json, shrunk to the saved
-    per-layer shapes, then the saved weights loaded strictly."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    config = AutoConfig.from_pretrained(model_dir)
-    record = getattr(config, 'structured_pruning', None)
-    if record is None:
-        raise UsageError(f"'{model_dir}' is marked as structurally pruned but its config.json has no "
-                         "'structured_pruning' record. Re-save the model with this tool.")
-    model = AutoModelForSequenceClassification.from_config(config)
-    restore_structured_shapes(model, record)
-    state = load_file(os.path.join(model_dir, 'model.safetensors'))
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def load_structured_classifier(model_dir: str, info: dict):
-    from transformers import AutoTokenizer
-    model = load_structured_model(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return TorchClassifier(model, tokenizer, info['label_names'], info['max_length'], info.get('threshold', 0.5), info)
-
-
-register_model_loader(STRUCTURED_FORMAT, load_structured_classifier)
-
-
 # ---------------------------------------------------------------------------------------------
 # Masks and accounting
 # ---------------------------------------------------------------------------------------------
@@ -616,25 +378,17 @@ def weight_counts(model: nn.Module, group: str) -> Dict[str, int]:
             'total': sum(p.numel() for p in model.parameters())}
 
 
-def macro_f1_on(model, tokenizer, dataset, args) -> float:
-    """Macro-F1 of an in-memory model on a tokenized split (same metric code as the stage evaluation)."""
-    from research_eval import predict_probabilities, quality_metrics
-    classifier = TorchClassifier(model, tokenizer, args.label_columns, args.max_length, args.threshold, {})
-    labels, probs = predict_probabilities(classifier, dataset)
-    return quality_metrics(labels, probs, args.label_columns, args.threshold)['f1_macro']
-
-
 def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: str):
     """Prune with `--prune_method`, fine-tune (masks held, so pruned weights stay zero; gradual pruning
     happens during this fine-tuning), make the masks permanent. Returns the model and a report: macro-F1 on
-    the test split before pruning, right after pruning (one-shot methods) and after fine-tuning; sparsity
-    of the selected layers; and, for every method, the fraction of stored weights removed."""
-    from research_training import train_classifier
-    validate_pruning_arguments(args)
+    the validation split before pruning, right after pruning (one-shot methods) and after fine-tuning;
+    sparsity of the selected layers; and, for every method, the fraction of stored weights removed."""
+    def validation_f1(m):
+        return macro_f1_of_model(m, tokenizer, splits.val, args.label_columns, args.max_length, args.threshold)
     before = weight_counts(model, args.prune_layers)
     report = {'prune_method': args.prune_method, 'prune_layers': args.prune_layers,
-              'prune_sparsity_target': args.prune_sparsity, 'f1_macro_split': 'test',
-              'f1_macro_before_pruning': macro_f1_on(model, tokenizer, splits.test, args)}
+              'prune_sparsity_target': args.prune_sparsity, 'f1_macro_split': 'validation',
+              'f1_macro_before_pruning': validation_f1(model)}
     needs_calibration = args.prune_method in ('wanda', 'structured')
     batches = calibration_batches(splits.train, tokenizer, args.calibration_samples, args.batch, args.seed) \
         if needs_calibration else None
@@ -643,19 +397,19 @@ def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: st
         report['f1_macro_after_pruning'] = None
         report['sparsity_after_pruning'] = None
     else:
-        report['f1_macro_after_pruning'] = macro_f1_on(model, tokenizer, splits.test, args)
+        report['f1_macro_after_pruning'] = validation_f1(model)
         report['sparsity_after_pruning'] = sparsity_of_layers(model, args.prune_layers)
         removed = 1.0 - weight_counts(model, args.prune_layers)['selected'] / before['selected']
         print(f'[prune] {args.prune_method}: {args.prune_layers} weights {report["sparsity_after_pruning"]:.2%} zero, '
-              f'{removed:.2%} removed; test macro-F1 {report["f1_macro_before_pruning"]:.4f} -> '
+              f'{removed:.2%} removed; validation macro-F1 {report["f1_macro_before_pruning"]:.4f} -> '
               f'{report["f1_macro_after_pruning"]:.4f}')
     report['f1_macro_after_fine_tune'] = None
     if args.fine_tune_after_prune and args.fine_tune_epochs > 0:
         lr = args.fine_tune_lr if args.fine_tune_lr is not None else args.lr / 2
-        model, _ = train_classifier(model, tokenizer, splits.train, splits.val, pos_weight, args, work_dir,
-                                    epochs=args.fine_tune_epochs, learning_rate=lr, callbacks=callbacks)
-        report['f1_macro_after_fine_tune'] = macro_f1_on(model, tokenizer, splits.test, args)
-        print(f'[prune] after fine-tuning: test macro-F1 {report["f1_macro_after_fine_tune"]:.4f}')
+        model = train_classifier(model, tokenizer, splits.train, splits.val, pos_weight, args, work_dir,
+                                 epochs=args.fine_tune_epochs, learning_rate=lr, callbacks=callbacks)
+        report['f1_macro_after_fine_tune'] = validation_f1(model)
+        print(f'[prune] after fine-tuning: validation macro-F1 {report["f1_macro_after_fine_tune"]:.4f}')
     model = make_pruning_permanent(model)
     after = weight_counts(model, args.prune_layers)
     report['sparsity_after_fine_tune'] = sparsity_of_layers(model, args.prune_layers)
@@ -670,3 +424,13 @@ def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: st
               f'removed ({report["params_removed_overall"]:.2%} of all parameters); heads per layer '
               f'{record["heads_per_layer"]}, FFN width per layer {record["ffn_width_per_layer"]}')
     return model, report
+
+
+def step(parent, data, settings, out_dir: str) -> Dict:
+    """Prune the parent stage (teacher or student), fine-tune with masks held, make masks permanent, save."""
+    model, tokenizer = load_trainable_model(parent.path)
+    splits = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir)
+    model, report = prune_and_fine_tune(model, tokenizer, splits, training_pos_weight(data), settings,
+                                        os.path.join(out_dir, 'work'))
+    save_hf(out_dir, model, tokenizer, stage_info(settings, 'prune', data))
+    return {'linear_roles': linear_weight_roles(model), 'report': report}

@@ -1,8 +1,9 @@
 """Quantization: the methods (a registry of small functions), and saving/loading quantized models.
 
 Every method has one signature, `(model, tokenizer, model_dir, args, data) -> info`: it writes the
-quantized artifact to `model_dir` (ONNX or safetensors, never pickled code) and returns the content of
-its `compression_info.json`, whose `format` names the loader in `research_inference.MODEL_LOADERS`.
+quantized artifact to `model_dir` (ONNX or safetensors, never pickled code) through one of the formats of
+`research_inference.FORMATS`, which writes `compression_info.json`, and returns that info. `validate(args)`
+refuses impossible settings before any training; `step` quantizes a stored stage.
 
 | method  | what is stored / what runs                                                        | backend        |
 |---------|-----------------------------------------------------------------------------------|----------------|
@@ -24,13 +25,17 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 
+from research_data import batches_of, tokenized_splits
 from research_errors import MethodNotAvailable, UsageError
+from research_inference import ONNX_FILE, load_trainable_model, save_bnb4, save_hf, save_onnx
+from research_models import HEAD_MODULES
+from research_training import stage_info, train_classifier, training_pos_weight
 
 ONNX_OPSET = 17
 QUANT_DTYPES = ['int8', 'int4', 'nf4', 'fp4', 'fp16', 'bf16']
@@ -43,18 +48,17 @@ METHOD_DTYPES = {
     'int4': ('int4', 'nf4', 'fp4'),
 }
 INT4_BLOCK_SIZE = 32
-# Linear layers kept in floating point by every method: the classification head decides the labels and
-# is tiny; 4-bit bitsandbytes keeps it in its 16-bit compute dtype, with the embeddings.
-HEAD_MODULES = ('classifier', 'pre_classifier', 'score')
 
 
 @dataclass
 class QuantizationData:
     """What a quantizer may use: the training split (calibration, QAT), the validation split (QAT early
-    stopping) and the per-label BCE pos_weight (QAT loss)."""
+    stopping), the per-label BCE pos_weight (QAT loss), and the stage's record (labels, max_length, ...)
+    that its saved folder carries."""
     train: object
     val: object = None
     pos_weight: Optional[np.ndarray] = None
+    info: Dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,7 +119,6 @@ class TokenizedBatchReader:
     """ONNX Runtime calibration reader: `batches` padded batches of a tokenized split, as int64 arrays."""
 
     def __init__(self, dataset, tokenizer, input_names: List[str], batch_size: int, batches: int):
-        from research_eval import batches_of
         self._batches = []
         for batch in batches_of(dataset, tokenizer, batch_size):
             if len(self._batches) >= batches:
@@ -157,14 +160,9 @@ def quiet_onnxruntime_quantizer():
         root.setLevel(level)
 
 
-def save_onnx_side_files(model, tokenizer, model_dir: str) -> None:
-    tokenizer.save_pretrained(model_dir)
-    model.config.save_pretrained(model_dir)
-
-
 def onnx_info(method: str, weight_dtype: str, mapping: Dict[str, str], **extra) -> dict:
-    return {'format': 'onnx', 'onnx_file': 'model.onnx', 'onnx_weight_names': mapping, 'quant_method': method,
-            'weight_dtype': weight_dtype, 'backend': 'onnxruntime', **extra}
+    return {'onnx_weight_names': mapping, 'quant_method': method, 'weight_dtype': weight_dtype, 'backend': 'onnxruntime',
+            **extra}
 
 
 def quantize_onnx_static_int8(fp32_path: str, out_path: str, reader, nodes: List[str],
@@ -202,11 +200,10 @@ def quantize_dynamic_int8(model, tokenizer, model_dir: str, args, data: Quantiza
     fp32_path = os.path.join(model_dir, 'model_fp32.onnx')
     mapping = export_to_onnx(model, tokenizer, fp32_path, args.max_length)
     with quiet_onnxruntime_quantizer():
-        quantize_dynamic(fp32_path, os.path.join(model_dir, 'model.onnx'), weight_type=QuantType.QInt8,
+        quantize_dynamic(fp32_path, os.path.join(model_dir, ONNX_FILE), weight_type=QuantType.QInt8,
                          extra_options={'WeightSymmetric': True})
     os.remove(fp32_path)
-    save_onnx_side_files(model, tokenizer, model_dir)
-    return onnx_info('dynamic', 'int8', mapping, activation_dtype='int8 (dynamic, per batch)')
+    return save_onnx(model_dir, model, tokenizer, data.info | onnx_info('dynamic', 'int8', mapping, activation_dtype='int8 (dynamic, per batch)'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +220,10 @@ def quantize_static_int8(model, tokenizer, model_dir: str, args, data: Quantizat
     reader = TokenizedBatchReader(data.train, tokenizer, onnx_input_names(fp32_path), args.batch,
                                   args.quant_calibration_batches)
     print(f'[quant] static int8: calibrating {len(layers)} Linear layers on {len(reader)} training batches of {args.batch}')
-    quantize_onnx_static_int8(fp32_path, os.path.join(model_dir, 'model.onnx'), reader, [n for n, _ in layers.values()])
+    quantize_onnx_static_int8(fp32_path, os.path.join(model_dir, ONNX_FILE), reader, [n for n, _ in layers.values()])
     os.remove(fp32_path)
-    save_onnx_side_files(model, tokenizer, model_dir)
-    return onnx_info('static', 'int8', mapping, activation_dtype='uint8 (static, calibrated)',
-                     calibration_batches=len(reader))
+    return save_onnx(model_dir, model, tokenizer, data.info | onnx_info('static', 'int8', mapping, activation_dtype='uint8 (static, calibrated)',
+                                                            calibration_batches=len(reader)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +326,6 @@ def quantization_aware_training_int8(model, tokenizer, model_dir: str, args, dat
     quantizes, `--fine_tune_epochs` of fine-tuning through it (weights adapt to the rounding while the
     activation ranges are tracked), then conversion to a real int8 ONNX Runtime graph that uses exactly
     the activation ranges of training and the same weight rounding (symmetric, per output channel)."""
-    from research_training import train_classifier
     if data.val is None:
         raise UsageError('--quant_method qat fine-tunes the model and needs the validation split for early stopping.')
     os.makedirs(model_dir, exist_ok=True)
@@ -341,8 +336,8 @@ def quantization_aware_training_int8(model, tokenizer, model_dir: str, args, dat
     wrappers = insert_fake_quant(model, modules)
     learning_rate = args.fine_tune_lr or args.lr / 2
     print(f'[quant] QAT: fake quantization in {len(wrappers)} Linear layers, {args.fine_tune_epochs} epoch(s) at lr {learning_rate:g}')
-    model, _ = train_classifier(model, tokenizer, data.train, data.val, data.pos_weight, args,
-                                os.path.join(model_dir, 'qat_work'), args.fine_tune_epochs, learning_rate)
+    model = train_classifier(model, tokenizer, data.train, data.val, data.pos_weight, args,
+                             os.path.join(model_dir, 'qat_work'), args.fine_tune_epochs, learning_rate)
     model = model.cpu().eval()
     wrappers = {name: model.get_submodule(name) for name in modules}
     remove_fake_quant(model, wrappers)
@@ -351,13 +346,12 @@ def quantization_aware_training_int8(model, tokenizer, model_dir: str, args, dat
     # Every quantized activation has a learned range; one training batch satisfies the quantizer's API.
     reader = TokenizedBatchReader(data.train, tokenizer, onnx_input_names(fp32_path), args.batch, 1)
     overrides = learned_activation_overrides(wrappers, layers)
-    quantize_onnx_static_int8(fp32_path, os.path.join(model_dir, 'model.onnx'), reader, [n for n, _ in layers.values()],
+    quantize_onnx_static_int8(fp32_path, os.path.join(model_dir, ONNX_FILE), reader, [n for n, _ in layers.values()],
                               overrides=overrides)
     os.remove(fp32_path)
-    save_onnx_side_files(model, tokenizer, model_dir)
     learned = {tensor: [float(o[0]['scale']), int(o[0]['zero_point'])] for tensor, o in overrides.items()}
-    return onnx_info('qat', 'int8', mapping, activation_dtype='uint8 (static, ranges learned in QAT)',
-                     qat_epochs=args.fine_tune_epochs, qat_learning_rate=learning_rate, qat_activation_qparams=learned)
+    return save_onnx(model_dir, model, tokenizer, data.info | onnx_info('qat', 'int8', mapping, activation_dtype='uint8 (static, ranges learned in QAT)',
+                     qat_epochs=args.fine_tune_epochs, qat_learning_rate=learning_rate, qat_activation_qparams=learned))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,20 +364,16 @@ HALF_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 def convert_to_half_precision(model, tokenizer, model_dir: str, args, data: QuantizationData) -> dict:
     """Half precision: every floating-point weight stored as fp16 (or bf16 with --quant_dtype bf16) in
     safetensors; the model runs in that precision (PyTorch) on the device it is loaded on."""
-    from research_inference import save_hf_classifier
-    dtype = HALF_DTYPES[args.quant_dtype]
-    half = copy.deepcopy(model).to(dtype)
-    info = {'quant_method': 'fp16', 'weight_dtype': args.quant_dtype, 'compute_dtype': args.quant_dtype,
-            'backend': 'pytorch'}
-    save_hf_classifier(half, tokenizer, model_dir, info)
-    return {'format': 'hf', **info}
+    half = copy.deepcopy(model).to(HALF_DTYPES[args.quant_dtype])
+    return save_hf(model_dir, half, tokenizer, data.info | {'quant_method': 'fp16', 'weight_dtype': args.quant_dtype,
+                                                'compute_dtype': args.quant_dtype, 'backend': 'pytorch'})
 
 
 # ---------------------------------------------------------------------------------------------
 # int4
 # ---------------------------------------------------------------------------------------------
 
-def quantize_int4_onnxruntime(model, tokenizer, model_dir: str, args) -> dict:
+def quantize_int4_onnxruntime(model, tokenizer, model_dir: str, args, data: QuantizationData) -> dict:
     """4-bit weights on CPU (ONNX Runtime MatMulNBits / GatherBlockQuantized): symmetric round-to-nearest
     int4 in blocks of 32 input values, one fp scale per block (zero maps to code 8, i.e. exactly 0);
     activations are quantized to int8 per block inside the kernel (accuracy_level 4)."""
@@ -398,11 +388,10 @@ def quantize_int4_onnxruntime(model, tokenizer, model_dir: str, args) -> dict:
     with quiet_onnxruntime_quantizer():
         quantizer = MatMulNBitsQuantizer(onnx.load(fp32_path), algo_config=config)
         quantizer.process()
-        quantizer.model.save_model_to_file(os.path.join(model_dir, 'model.onnx'))
+        quantizer.model.save_model_to_file(os.path.join(model_dir, ONNX_FILE))
     os.remove(fp32_path)
-    save_onnx_side_files(model, tokenizer, model_dir)
-    return onnx_info('int4', 'int4', mapping, int4_block_size=INT4_BLOCK_SIZE,
-                     activation_dtype='int8 inside the 4-bit kernel (accuracy_level 4)')
+    return save_onnx(model_dir, model, tokenizer, data.info | onnx_info('int4', 'int4', mapping, int4_block_size=INT4_BLOCK_SIZE,
+                                                            activation_dtype='int8 inside the 4-bit kernel (accuracy_level 4)'))
 
 
 def check_bitsandbytes_available(dtype: str) -> None:
@@ -420,7 +409,7 @@ def check_bitsandbytes_available(dtype: str) -> None:
                                  'pip install bitsandbytes (CUDA GPU required).')
 
 
-def quantize_4bit_bitsandbytes(model, tokenizer, model_dir: str, args) -> dict:
+def quantize_4bit_bitsandbytes(model, tokenizer, model_dir: str, args, data: QuantizationData) -> dict:
     """4-bit NF4 (Dettmers et al. 2023, QLoRA) or FP4 weights with bitsandbytes on CUDA: blockwise absmax
     (blocks of 64) onto the 16 NF4/FP4 levels (both hold an exact 0); compute in bf16/fp16 on the GPU.
     Saved with `save_pretrained` (safetensors holding the packed 4-bit weights and their statistics)."""
@@ -435,14 +424,12 @@ def quantize_4bit_bitsandbytes(model, tokenizer, model_dir: str, args) -> dict:
         # 16-bit compute dtype, as QLoRA does; in fp32 the embedding table alone would be 47 MB of MiniLM's file.
         quantized = AutoModelForSequenceClassification.from_pretrained(fp32_dir, quantization_config=config, dtype=compute,
                                                                        device_map={'': torch.cuda.current_device()})
-    os.makedirs(model_dir, exist_ok=True)
-    quantized.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
-    return {'format': 'hf_bnb4', 'quant_method': 'int4', 'weight_dtype': args.quant_dtype,
-            'compute_dtype': str(compute).replace('torch.', ''), 'backend': 'bitsandbytes (CUDA)'}
+    return save_bnb4(model_dir, quantized, tokenizer, data.info | {'quant_method': 'int4', 'weight_dtype': args.quant_dtype,
+                                                       'compute_dtype': str(compute).replace('torch.', ''),
+                                                       'backend': 'bitsandbytes (CUDA)'})
 
 
-# --quant_dtype of --quant_method int4 -> function(model, tokenizer, model_dir, args) -> info
+# --quant_dtype of --quant_method int4 -> function(model, tokenizer, model_dir, args, data) -> info
 INT4_BACKENDS = {
     'int4': quantize_int4_onnxruntime,
     'nf4': quantize_4bit_bitsandbytes,
@@ -453,7 +440,7 @@ INT4_BACKENDS = {
 def quantize_weights_4bit(model, tokenizer, model_dir: str, args, data: QuantizationData) -> dict:
     """4-bit weights with the backend of `--quant_dtype`: int4 -> ONNX Runtime (CPU), nf4/fp4 ->
     bitsandbytes (CUDA). Never falls back to another precision."""
-    return INT4_BACKENDS[args.quant_dtype](model, tokenizer, model_dir, args)
+    return INT4_BACKENDS[args.quant_dtype](model, tokenizer, model_dir, args, data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,17 +469,30 @@ def resolve_quant_dtype(method: str, dtype: Optional[str]) -> str:
     return dtype
 
 
-def check_quant_method(name: str, dtype: Optional[str] = None) -> None:
-    """Fail before any training when the method cannot run here (e.g. nf4/fp4 without CUDA)."""
-    dtype = resolve_quant_dtype(name, dtype)
-    if name == 'int4' and dtype in ('nf4', 'fp4'):
+def validate(args) -> None:
+    """Refuse, before any training, quantization settings that cannot run here (unknown method, a dtype the
+    method does not store, nf4/fp4 without CUDA and bitsandbytes, no calibration batches)."""
+    if args.quant_method not in QUANT_METHODS:
+        raise UsageError(f"Unknown --quant_method '{args.quant_method}'. Choose one of: {', '.join(QUANT_METHODS)}.")
+    dtype = resolve_quant_dtype(args.quant_method, args.quant_dtype)
+    if args.quant_method == 'int4' and dtype in ('nf4', 'fp4'):
         check_bitsandbytes_available(dtype)
+    if args.quant_calibration_batches < 1:
+        raise UsageError('--quant_calibration_batches must be at least 1.')
 
 
 def quantize_and_save(model, tokenizer, model_dir: str, args, train_dataset, val_dataset=None,
-                      pos_weight=None) -> dict:
-    """Quantize with `--quant_method` and write the artifact to `model_dir`; returns its loader info."""
-    args.quant_dtype = resolve_quant_dtype(args.quant_method, getattr(args, 'quant_dtype', None))
-    check_quant_method(args.quant_method, args.quant_dtype)
-    data = QuantizationData(train_dataset, val_dataset, pos_weight)
-    return QUANT_METHODS[args.quant_method](model, tokenizer, model_dir, args, data)
+                      pos_weight=None, info: Optional[Dict] = None) -> dict:
+    """Quantize with `--quant_method` (its --quant_dtype resolved at parse time) and write the artifact, with
+    `info` in its compression_info.json, to `model_dir`; returns that info."""
+    return QUANT_METHODS[args.quant_method](model, tokenizer, model_dir, args,
+                                            QuantizationData(train_dataset, val_dataset, pos_weight, dict(info or {})))
+
+
+def step(parent, data, settings, out_dir: str) -> Dict:
+    """Quantize the parent stage; the quantizer writes its own artifact (e.g. an int8 ONNX file)."""
+    model, tokenizer = load_trainable_model(parent.path)
+    splits = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir)
+    quantize_and_save(model, tokenizer, out_dir, settings, splits.train, splits.val, training_pos_weight(data),
+                      stage_info(settings, 'quant', data))
+    return {'linear_roles': parent.meta['linear_roles']}

@@ -1,22 +1,164 @@
-"""Reports: the ablation summary (CSV + Markdown, mean +- std over seeds/folds), the Pareto plots, model
-cards, and an aggregator that combines the results of several runs (e.g. a bash sweep over --kd_alpha).
+"""Everything written for people and files: the output folder (refuse a foreign one, archive an earlier
+run), the run log, per-pipeline results (JSON + CSV), exported stage models with their model cards, the
+stage table, the ablation summary (CSV + Markdown, mean +- std over seeds/folds), the Pareto plots, and an
+aggregator that combines the results of several runs (e.g. a bash sweep over --kd_alpha).
 
     python research_report.py runs/alpha_0.3 runs/alpha_0.5 runs/alpha_0.7 --output runs/alpha_sweep
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import shutil
 import sys
-from typing import Dict, List, Sequence
+import time
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
+from research_compression_config import PIPELINE_CONFIGS, STAGE_IDENTITY, TOOL_MARKER
+from research_errors import UsageError
+from research_inference import set_threshold
+from research_stages import copy_stage
+
+RESULTS_JSON = 'results_final.json'
+RESULTS_CSV = 'results_final.csv'
+CONFIG_JSON = 'config.json'
+RUN_LOG = 'run.log'
+
 SUMMARY_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'compression_ratio', 'params_nonzero',
                    'sparsity_overall', 'latency_ms_p50', 'speedup', 'peak_memory_mb']
 DELTA_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'latency_ms_p50']
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder: refuse a foreign non-empty folder, never silently overwrite an earlier run
+# ---------------------------------------------------------------------------------------------
+
+def holds_earlier_run(output_dir: str) -> bool:
+    try:
+        with open(os.path.join(output_dir, CONFIG_JSON), encoding='utf-8') as fh:
+            return json.load(fh).get('tool') == TOOL_MARKER
+    except (OSError, ValueError):
+        return False
+
+
+def prepare_output_dir(args) -> None:
+    """Create the output folder. A non-empty folder that is not an earlier run of this tool is refused
+    unless --overwrite_output_dir; an earlier run's results are moved to previous_runs/<time>/."""
+    out = args.output_dir
+    if os.path.isdir(out) and os.listdir(out):
+        if holds_earlier_run(out):
+            archive = os.path.join(out, 'previous_runs', time.strftime('%Y%m%d-%H%M%S'))
+            os.makedirs(archive, exist_ok=True)
+            for name in os.listdir(out):
+                if name not in ('previous_runs',):
+                    shutil.move(os.path.join(out, name), os.path.join(archive, name))
+            print(f'[output] {out} held an earlier run: its files were moved to {archive}')
+        elif not args.overwrite_output_dir:
+            raise UsageError(f"--output_dir '{out}' is not empty and does not hold an earlier run of this tool. "
+                             'Choose an empty or new folder, or pass --overwrite_output_dir to write into it anyway.')
+    os.makedirs(out, exist_ok=True)
+
+
+class TeeToLog:
+    """Everything the run prints also goes to <output_dir>/run.log (progress-bar redraws excepted)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text):
+        self.stream.write(text)
+        if '\r' not in text or '\n' in text.replace('\r', ''):
+            self.log.write(text.replace('\r', ''))
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.log.flush()
+
+    def __getattr__(self, name):   # isatty, encoding, fileno...: the terminal's
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def run_log(path: str):
+    """Tee stdout and stderr into `path` (appended), restoring both afterwards."""
+    saved = sys.stdout, sys.stderr
+    with open(path, 'a', encoding='utf-8') as log:
+        sys.stdout, sys.stderr = TeeToLog(sys.stdout, log), TeeToLog(sys.stderr, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# Results of one pipeline run, the stage table, exported models
+# ---------------------------------------------------------------------------------------------
+
+RESULT_COLUMNS = ['stage', 'f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro',
+                  'size_mb', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
+                  'latency_ms_mean', 'latency_ms_p50', 'latency_ms_p95', 'latency_ms_p99', 'throughput_samples_s',
+                  'peak_memory_mb', 'peak_memory_model_mb', 'compression_ratio', 'speedup', 'model_dir']
+
+
+def write_json_atomically(path: str, payload) -> None:
+    """Write aside, then rename: an interrupted run never leaves a complete-looking results file."""
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as fh:
+        json.dump(payload, fh, indent=2, ensure_ascii=False, default=str)
+    os.replace(tmp, path)
+
+
+def flatten_stage(stage: Dict, label_names: Sequence[str]) -> Dict:
+    """One CSV row: the scalar metrics, then per-label metrics as `<label>_<metric>` columns."""
+    row = {k: stage.get(k) for k in RESULT_COLUMNS}
+    row.update({k: v for k, v in stage.items() if k not in row and not isinstance(v, (dict, list))})
+    for name in label_names:
+        for metric, value in stage['per_label'][name].items():
+            row[f'{name}_{metric}'] = value
+    return row
+
+
+def write_pipeline_results(folder: str, args, pipeline: str, stages: List[Dict], run) -> None:
+    """results_final.json / .csv of one pipeline: one entry per stage in order, the last is the final model."""
+    os.makedirs(folder, exist_ok=True)
+    payload = {'pipeline': pipeline, 'author_name': args.author_name, 'fold': run.data.fold, 'train_seed': run.seed,
+               'test_split_hash': run.data.test_split_hash, 'test_rows': int(len(run.data.test_idx)), 'stages': stages}
+    rows = pd.DataFrame([flatten_stage(s, args.label_columns) for s in stages])
+    rows.insert(0, 'pipeline', pipeline)
+    rows.to_csv(os.path.join(folder, RESULTS_CSV + '.tmp'), index=False)
+    os.replace(os.path.join(folder, RESULTS_CSV + '.tmp'), os.path.join(folder, RESULTS_CSV))
+    write_json_atomically(os.path.join(folder, RESULTS_JSON), payload)
+
+
+def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], nodes) -> None:
+    """Copy the final stage (every stage with --save_all_stages) out of the stage store into
+    `folder/stages/<stage>/`, with this run's --threshold and a model card; other stages get model_dir null."""
+    for i, (stage, node) in enumerate(zip(stages, nodes)):
+        if not (args.save_all_stages or i == len(stages) - 1):
+            stage['model_dir'] = None
+            continue
+        target = os.path.join(folder, 'stages', stage['stage'])
+        copy_stage(node, target)
+        set_threshold(target, args.threshold)
+        stage['model_dir'] = os.path.abspath(target)
+        write_model_card(target, pipeline, stage, vars(args))
+
+
+def format_stage_table(stages: List[Dict]) -> str:
+    def fmt(value, spec):
+        return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    lines = [f'{"stage":<10} {"F1-macro":>9} {"size MB":>9} {"nonzero":>11} {"sparsity":>9} {"p50 ms":>8} {"x smaller":>9} {"x faster":>9}']
+    for s in stages:
+        lines.append(f'{s["stage"]:<10} {fmt(s["f1_macro"], ".4f"):>9} {fmt(s["size_mb"], ".2f"):>9} {s["params_nonzero"]:>11,} '
+                     f'{fmt(s["sparsity_overall"], ".1%"):>9} {fmt(s["latency_ms_p50"], ".2f"):>8} '
+                     f'{fmt(s["compression_ratio"], ".2f"):>9} {fmt(s["speedup"], ".2f"):>9}')
+    return '\n'.join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,14 +299,10 @@ def write_plots(summary: pd.DataFrame, output_dir: str, label_names: Sequence[st
 def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str:
     """README.md for a saved model: what it is, how it was made, its metrics, the line that loads it."""
     settings = {'teacher': config.get('teacher_checkpoint') or config.get('teacher_path')}
-    if 'kd' in pipeline:
-        settings.update({k: config.get(k) for k in ('student_layers', 'student_path', 'kd_method', 'kd_alpha',
-                                                     'kd_temperature', 'epochs')})
-    if 'prune' in pipeline:
-        settings.update({k: config.get(k) for k in ('prune_method', 'prune_sparsity', 'prune_layers', 'prune_schedule',
-                                                     'fine_tune_after_prune', 'fine_tune_epochs')})
-    if 'quant' in pipeline:
-        settings.update({k: config.get(k) for k in ('quant_method', 'quant_dtype')})
+    shared = set.intersection(*(set(names) for names in STAGE_IDENTITY.values()))
+    for kind in PIPELINE_CONFIGS[pipeline].stages:
+        settings.update({k: config.get(k) for k in STAGE_IDENTITY[kind] if k not in shared})
+    settings.update(PIPELINE_CONFIGS[pipeline].overrides)
     lines = [f'# {pipeline}: {result["stage"]} model', '',
              f'A multi-label text classifier ({", ".join(config["label_columns"])}; sigmoid outputs, threshold '
              f'{config.get("threshold", 0.5)}) produced by the `{pipeline}` pipeline of this tool '
@@ -223,7 +361,7 @@ def run_config(results_path: str) -> Dict:
     return {}
 
 
-def aggregate_runs(paths: Sequence[str]) -> pd.DataFrame:
+def aggregate_runs(paths: Sequence[str]) -> Tuple[pd.DataFrame, List[str]]:
     """One row per results file (its final stage), plus the settings that differ between the runs."""
     rows, configs = [], []
     for path in find_results(paths):
@@ -272,7 +410,7 @@ def main(argv=None) -> int:
     os.makedirs(parsed.output, exist_ok=True)
     frame.to_csv(os.path.join(parsed.output, 'report.csv'), index=False)
     shown = ['pipeline'] + varying + ['f1_macro', 'delta_f1_macro', 'size_mb', 'sparsity_overall', 'latency_ms_p50', 'speedup']
-    table = markdown_table(frame[shown])
+    table = frame[shown].to_markdown(index=False, floatfmt='.4f')
     with open(os.path.join(parsed.output, 'report.md'), 'w', encoding='utf-8') as fh:
         fh.write(table + '\n')
     print(table)
@@ -284,14 +422,6 @@ def main(argv=None) -> int:
         plot_quality_vs_cost(summary, 'size_mb', 'size on disk (MB)', os.path.join(parsed.output, 'f1_vs_size.png'))
     print(f'\n{len(frame)} runs; varying settings: {", ".join(varying) or "none"}; written to {parsed.output}/')
     return 0
-
-
-def markdown_table(frame: pd.DataFrame) -> str:
-    def cell(v):
-        return f'{v:.4f}' if isinstance(v, float) else str(v)
-    lines = ['| ' + ' | '.join(frame.columns) + ' |', '|' + '---|' * len(frame.columns)]
-    lines += ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in frame.itertuples(index=False)]
-    return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -1,18 +1,27 @@
-"""Training shared by every stage: the Hugging Face `Trainer` with multi-label BCE (per-label `pos_weight`),
-early stopping on the validation slice, and the best weights restored at the end.
+"""Training shared by every stage, and the teacher step.
 
-Teacher fine-tuning, distillation, fine-tuning after pruning and QAT all go through `train_classifier`,
-so mixed precision, gradient accumulation, clipping and checkpointing behave the same everywhere.
+The Hugging Face `Trainer` with multi-label BCE (per-label `pos_weight`), early stopping on the validation
+slice, and the best weights restored at the end. Teacher fine-tuning, distillation, fine-tuning after
+pruning and QAT all go through `make_trainer`, so mixed precision, gradient accumulation, clipping and
+checkpointing behave the same everywhere. The teacher step loads `--teacher_checkpoint` (trained head
+included) or fine-tunes `--teacher_path`.
 """
 
+import json
+import os
 import shutil
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
 
+from research_data import positive_class_weights, tokenized_splits
+from research_errors import UsageError
 from research_eval import quality_metrics
+from research_inference import INFO_FILE, save_hf, sigmoid
+from research_models import (linear_weight_roles, load_encoder_for_classification, load_fine_tuned_classifier,
+                             model_inputs)
 
 
 class MultiLabelTrainer(Trainer):
@@ -31,41 +40,34 @@ class MultiLabelTrainer(Trainer):
         return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs['labels']
         outputs = model(**model_inputs(inputs))
-        loss = self.supervised_loss(outputs.logits, labels)
+        loss = self.supervised_loss(outputs.logits, inputs['labels'])
         return (loss, outputs) if return_outputs else loss
-
-
-def model_inputs(batch: dict) -> dict:
-    """The tensors a sequence-classification model's forward takes (drops labels and cached extras)."""
-    return {k: v for k, v in batch.items() if k in ('input_ids', 'attention_mask', 'token_type_ids')}
 
 
 def make_validation_metrics(label_names: Sequence[str], threshold: float):
     def compute_metrics(eval_pred):
-        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        logits = eval_pred.predictions
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-        probs = 1.0 / (1.0 + np.exp(-logits))
-        metrics = quality_metrics(labels, probs, label_names, threshold)
+        metrics = quality_metrics(eval_pred.label_ids, sigmoid(logits), label_names, threshold)
         return {'f1_macro': metrics['f1_macro'], 'f1_micro': metrics['f1_micro']}
     return compute_metrics
 
 
-def make_training_arguments(args, output_dir: str, epochs: float, learning_rate: float, **overrides) -> TrainingArguments:
-    """TrainingArguments from the run's arguments: one checkpoint per epoch, best validation macro-F1 kept."""
+def make_training_arguments(settings, output_dir: str, epochs: float, learning_rate: float, **overrides) -> TrainingArguments:
+    """TrainingArguments from the run's settings: one checkpoint per epoch, best validation macro-F1 kept."""
     cuda = torch.cuda.is_available()
-    use_bf16 = cuda and args.mixed_precision and torch.cuda.is_bf16_supported()
-    settings = dict(
+    use_bf16 = cuda and settings.mixed_precision and torch.cuda.is_bf16_supported()
+    arguments = dict(
         output_dir=output_dir,
         num_train_epochs=epochs,
         learning_rate=learning_rate,
-        per_device_train_batch_size=args.batch,
-        per_device_eval_batch_size=max(args.batch, 64),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        warmup_steps=args.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
-        weight_decay=args.weight_decay,
-        max_grad_norm=args.gradient_clip_norm,
+        per_device_train_batch_size=settings.batch,
+        per_device_eval_batch_size=max(settings.batch, 64),
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        warmup_steps=settings.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.gradient_clip_norm,
         eval_strategy='epoch',
         save_strategy='epoch',
         logging_strategy='epoch',
@@ -74,38 +76,114 @@ def make_training_arguments(args, output_dir: str, epochs: float, learning_rate:
         load_best_model_at_end=True,
         metric_for_best_model='f1_macro',
         greater_is_better=True,
-        seed=getattr(args, 'train_seed', args.seed),
-        data_seed=getattr(args, 'train_seed', args.seed),
-        fp16=cuda and args.mixed_precision and not use_bf16,
+        label_names=['labels'],
+        seed=settings.train_seed,
+        data_seed=settings.train_seed,
+        fp16=cuda and settings.mixed_precision and not use_bf16,
         bf16=use_bf16,
         use_cpu=not cuda,
         report_to='none',
         dataloader_num_workers=0,
-        disable_tqdm=not getattr(args, 'progress_bars', True),
+        disable_tqdm=not settings.progress_bars,
     )
-    settings.update(overrides)
-    return TrainingArguments(**settings)
+    arguments.update(overrides)
+    return TrainingArguments(**arguments)
 
 
-def train_classifier(model, tokenizer, train_dataset, val_dataset, pos_weight, args, work_dir: str,
-                     epochs: float, learning_rate: float, trainer_class=MultiLabelTrainer,
-                     callbacks: Sequence = (), training_overrides: Optional[dict] = None, **trainer_kwargs):
-    """Fine-tune `model` with early stopping on validation macro-F1 and return it with the best
-    epoch's weights restored (the Trainer reloads them at the end). Checkpoints are removed afterwards."""
-    training_args = make_training_arguments(args, work_dir, epochs, learning_rate, **(training_overrides or {}))
-    trainer = trainer_class(
+def make_trainer(model, tokenizer, train_dataset, val_dataset, pos_weight, settings, work_dir: str, epochs: float,
+                 learning_rate: float, trainer_class=MultiLabelTrainer, callbacks: Sequence = (),
+                 training_overrides: Optional[dict] = None, **trainer_kwargs) -> Trainer:
+    """A Trainer with early stopping on validation macro-F1 that restores the best epoch's weights."""
+    return trainer_class(
         model=model,
-        args=training_args,
+        args=make_training_arguments(settings, work_dir, epochs, learning_rate, **(training_overrides or {})),
         train_dataset=train_dataset,
         eval_dataset=val_dataset,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=make_validation_metrics(args.label_columns, args.threshold),
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience), *callbacks],
+        compute_metrics=make_validation_metrics(settings.label_columns, settings.threshold),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience), *callbacks],
         pos_weight=pos_weight,
         **trainer_kwargs,
     )
+
+
+def run_training(trainer: Trainer, work_dir: str):
+    """Train, report the restored best epoch, remove the checkpoints; returns the trained model."""
     trainer.train()
-    best = trainer.state.best_metric
-    print(f'[train] best validation macro-F1 {best:.4f} (checkpoint {trainer.state.best_model_checkpoint}) restored')
+    print(f'[train] best validation macro-F1 {trainer.state.best_metric:.4f} '
+          f'(checkpoint {trainer.state.best_model_checkpoint}) restored')
     shutil.rmtree(work_dir, ignore_errors=True)
-    return trainer.model, trainer
+    return trainer.model
+
+
+def train_classifier(model, tokenizer, train_dataset, val_dataset, pos_weight, settings, work_dir: str,
+                     epochs: float, learning_rate: float, **trainer_options):
+    """Fine-tune `model` with early stopping and return it with the best epoch's weights restored."""
+    trainer = make_trainer(model, tokenizer, train_dataset, val_dataset, pos_weight, settings, work_dir, epochs,
+                           learning_rate, **trainer_options)
+    return run_training(trainer, work_dir)
+
+
+def training_pos_weight(data) -> np.ndarray:
+    return positive_class_weights(data.labels[data.train_idx])
+
+
+# ---------------------------------------------------------------------------------------------
+# What every stage records about itself (compression_info.json)
+# ---------------------------------------------------------------------------------------------
+
+def stage_info(settings, stage: str, data) -> Dict:
+    return {'stage': stage, 'label_names': list(settings.label_columns), 'max_length': settings.max_length,
+            'threshold': settings.threshold, 'split': split_record(settings, data)}
+
+
+def split_record(settings, data) -> Dict:
+    """What identifies the data a model was trained on, so a later run can refuse a leaking teacher."""
+    return {'data_content_hash': data.content_hash(), 'test_split_hash': data.test_split_hash, 'fold': data.fold,
+            'num_folds': settings.num_folds, 'seed': settings.seed, 'data_fraction': settings.data_fraction}
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher step
+# ---------------------------------------------------------------------------------------------
+
+def validate(args) -> None:
+    """Teacher settings that cannot work, refused before any training (a hub model that cannot be fetched
+    is reported by the teacher step, the first thing a run does)."""
+    if args.teacher_epochs < 1 and not args.teacher_checkpoint:
+        raise UsageError(f'--teacher_epochs must be at least 1 to fine-tune the teacher, got {args.teacher_epochs}. '
+                         'To skip teacher training, pass an already fine-tuned classifier with --teacher_checkpoint.')
+
+
+
+def check_teacher_split(settings, data) -> None:
+    """A checkpoint fine-tuned by this tool on another split of the same data has seen some of this run's
+    test texts; scoring it here would inflate every metric. Refuse unless told otherwise."""
+    path = os.path.join(settings.teacher_checkpoint, INFO_FILE)
+    if settings.allow_teacher_split_mismatch or not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8') as fh:
+        trained_on = json.load(fh).get('split')
+    if trained_on and trained_on['test_split_hash'] != data.test_split_hash:
+        raise UsageError(
+            f"--teacher_checkpoint '{settings.teacher_checkpoint}' was fine-tuned by this tool with a different split "
+            f"(data_fraction={trained_on['data_fraction']}, num_folds={trained_on['num_folds']}, fold={trained_on['fold']}, "
+            f"seed={trained_on['seed']}) than this run (data_fraction={settings.data_fraction}, num_folds={settings.num_folds}, "
+            f"fold={data.fold}, seed={settings.seed}), so it has seen some of this run's test texts. Use the same "
+            'data settings, or pass --allow_teacher_split_mismatch if you know the data are unrelated.')
+
+
+def step(parent, data, settings, out_dir: str) -> Dict:
+    """The fine-tuned teacher: loaded from --teacher_checkpoint (head included), or fine-tuned here."""
+    if settings.teacher_checkpoint:
+        check_teacher_split(settings, data)
+        print(f'[teacher] loading fine-tuned checkpoint {settings.teacher_checkpoint} (training skipped)')
+        model, tokenizer = load_fine_tuned_classifier(settings.teacher_checkpoint, settings.label_columns)
+    else:
+        model, tokenizer = load_encoder_for_classification(settings.teacher_path, settings.label_columns, settings.dropout)
+        splits = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir)
+        print(f'[teacher] fine-tuning {settings.teacher_path} for up to {settings.teacher_epochs} epochs')
+        model = train_classifier(model, tokenizer, splits.train, splits.val, training_pos_weight(data), settings,
+                                 os.path.join(out_dir, 'work'), settings.teacher_epochs, settings.lr)
+    save_hf(out_dir, model, tokenizer, stage_info(settings, 'baseline', data))
+    return {'linear_roles': linear_weight_roles(model)}

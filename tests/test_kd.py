@@ -83,8 +83,8 @@ def build_trainer(args, student, student_tokenizer, teacher_pair, tmp_path):
 
 
 def first_batch(splits, tokenizer, teacher_logits=None, rows=8):
-    from research_eval import batches_of
-    batch = next(batches_of(splits.train.select(range(rows)), tokenizer, rows))
+    from research_data import batches_of
+    batch = next(iter(batches_of(splits.train.select(range(rows)), tokenizer, rows)))
     if teacher_logits is not None:
         batch['teacher_logits'] = torch.as_tensor(teacher_logits, dtype=torch.float32)
     return batch
@@ -191,7 +191,8 @@ def test_alpha_one_ignores_labels_and_alpha_zero_ignores_the_teacher(tmp_path, d
     assert loss == pytest.approx(loss_other, abs=1e-7) and same_grads(grads, grads_other)
     plain = MultiLabelTrainer(model=student, args=t0.args, pos_weight=np.ones(len(LABELS)))
     plain_loss, plain_grads = loss_and_grads(plain, batch)
-    assert loss == pytest.approx(plain_loss, abs=1e-6) and same_grads(grads, plain_grads, atol=1e-6)
+    student_grads = {k[len('student.'):]: v for k, v in grads.items()}   # the trainer's model wraps the student
+    assert loss == pytest.approx(plain_loss, abs=1e-6) and same_grads(student_grads, plain_grads, atol=1e-6)
     assert abs(loss_and_grads(t0, flipped_labels)[0] - loss) > 1e-4
 
     # In between, both matter.
@@ -209,7 +210,7 @@ def test_projection_is_trained_and_not_saved(tmp_path, data, teacher):
     from safetensors.numpy import load_file
     from transformers import TrainerCallback
     from research_data import positive_class_weights
-    from research_inference import save_hf_classifier
+    from research_inference import save_hf
     from research_kd import distill_student
     teacher_model, teacher_tokenizer = teacher
     student = small_student(teacher_tokenizer)
@@ -236,7 +237,7 @@ def test_projection_is_trained_and_not_saved(tmp_path, data, teacher):
     assert all(not torch.equal(p.detach(), snapshot[id(p)]) for p in projection_params)  # ...and were updated
     assert not {id(p) for p in projection_params} & {id(p) for p in trained.parameters()}
 
-    save_hf_classifier(trained, teacher_tokenizer, str(tmp_path / 'saved'), {'label_names': LABELS, 'max_length': 32})
+    save_hf(str(tmp_path / 'saved'), trained, teacher_tokenizer, {'label_names': LABELS, 'max_length': 32})
     saved = load_file(str(tmp_path / 'saved' / 'model.safetensors'))
     assert not [k for k in saved if 'proj' in k]
     saved_numel = sum(v.size for k, v in saved.items() if 'position_ids' not in k)
@@ -253,8 +254,10 @@ def test_gradient_clipping_covers_the_projections(tmp_path, data, teacher):
     projection_grads = [p.grad for p in trainer.projections.parameters()]
     assert all(g is not None for g in projection_grads)
     assert float(torch.linalg.vector_norm(torch.stack([g.norm() for g in projection_grads]))) > 0.01
+    # The projections are part of the module the Trainer trains, so its own clipping covers them.
+    assert {id(p) for p in trainer.projections.parameters()} <= {id(p) for p in trainer.model.parameters()}
     trainer._clip_grad_norm(trainer.model)
-    grads = [p.grad for p in [*trainer.model.parameters(), *trainer.projections.parameters()] if p.grad is not None]
+    grads = [p.grad for p in [*trainer.student.parameters(), *trainer.projections.parameters()] if p.grad is not None]
     total = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
     assert total == pytest.approx(0.01, rel=1e-3)            # one clip over student + projections
 

@@ -137,14 +137,14 @@ def test_teacher_is_fine_tuned_when_no_checkpoint(teacher_checkpoint):
 def test_peak_memory_grows_with_the_weights_a_model_touches(tmp_path, tiny_teacher_dir):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from research_eval import measure_peak_memory
-    from research_inference import save_hf_classifier
+    from research_inference import save_hf
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
     info = {'label_names': LABELS, 'max_length': 32, 'threshold': 0.5}
     ballast = np.ones(2 ** 30 // 8)   # 1 GB resident in this process: the child must not count it
     measured = {}
     for name, ffn in (('small', 37), ('large', 60000)):   # 60000-wide FFN: 2 x 4 layers x 96 x 60000 x 4 B = 184 MB
         config = AutoConfig.from_pretrained(tiny_teacher_dir, num_labels=len(LABELS), intermediate_size=ffn)
-        save_hf_classifier(AutoModelForSequenceClassification.from_config(config), tokenizer, str(tmp_path / name), info)
+        save_hf(str(tmp_path / name), AutoModelForSequenceClassification.from_config(config), tokenizer, info)
         measured[name] = measure_peak_memory(str(tmp_path / name), 1, 32, 'তুই একটা বেয়াদব')
     del ballast
     assert 900 > measured['small']['peak_memory_mb'] > measured['small']['peak_memory_model_mb'] > 0

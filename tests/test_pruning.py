@@ -70,7 +70,7 @@ def effective_weights(model):
 
 
 def selected_sparsity(model, group):
-    from research_pruning import select_linear_layers
+    from research_models import select_linear_layers
     weights = [m.weight for m in select_linear_layers(model, group).values()]
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
@@ -78,7 +78,7 @@ def selected_sparsity(model, group):
 def assert_only_selected_changed(model, original, pruned, group):
     """Weights of the selected Linear layers changed; every other tensor (embeddings, LayerNorms, biases,
     unselected Linear layers, the classification head) is bit-for-bit the original."""
-    from research_pruning import selected_weight_names
+    from research_models import selected_weight_names
     selected = set(selected_weight_names(model, group))
     assert selected
     for name, value in original.items():
@@ -272,7 +272,7 @@ def test_gradual_pruning_inside_trainer(teacher, small_splits, tmp_path):
             seen.append((state.global_step, state.epoch, float((masks == 0).float().mean()), masks.clone()))
             assert bool((effective[masks == 0] == 0).all())
 
-    model, _ = train_classifier(model, teacher[1], tokenized.train, tokenized.val,
+    model = train_classifier(model, teacher[1], tokenized.train, tokenized.val,
                                 positive_class_weights(data.labels[data.train_idx]), args, str(tmp_path / 'work'),
                                 epochs=2, learning_rate=5e-4, callbacks=[*callbacks, Watch()])
     for (_, _, _, before), (_, _, _, after) in zip(seen, seen[1:]):
@@ -324,7 +324,7 @@ def test_fine_tuning_keeps_pruned_weights_zero(teacher, small_splits, tmp_path):
     assert report['sparsity_after_fine_tune'] == pytest.approx(0.5, abs=0.005)
     for key in ('f1_macro_before_pruning', 'f1_macro_after_pruning', 'f1_macro_after_fine_tune'):
         assert 0.0 <= report[key] <= 1.0, key
-    assert report['f1_macro_split'] == 'test'
+    assert report['f1_macro_split'] == 'validation'   # the technique never sees the test split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,19 +383,19 @@ def _logits(model, tokenizer, texts):
 @pytest.mark.parametrize('group', ['encoder', 'ffn'])
 def test_structured_model_is_smaller_reloads_and_predicts_the_same(teacher, calibration, tmp_path, group):
     from research_eval import size_on_disk_mb
-    from research_inference import load_compressed_model, save_hf_classifier
-    from research_pruning import PRUNE_METHODS, save_pruned_classifier
+    from research_inference import load_compressed_model, save_hf
+    from research_pruning import PRUNE_METHODS
     model, tokenizer = fresh_model(teacher), teacher[1]
     info = {'stage': 'prune', 'label_names': ['bully', 'sexual', 'religious', 'threat', 'spam'], 'max_length': 32,
             'threshold': 0.5}
-    save_hf_classifier(model, tokenizer, str(tmp_path / 'dense'), info)
+    save_hf(str(tmp_path / 'dense'), model, tokenizer, info)
     params_before = sum(p.numel() for p in model.parameters())
     args = make_args(tmp_path / 'args', prune_method='structured', prune_layers=group, prune_sparsity=0.5)
     model, _ = PRUNE_METHODS['structured'](model, args, calibration)
     assert sum(p.numel() for p in model.parameters()) < params_before
     texts = _texts()
     expected = _logits(model, tokenizer, texts)
-    saved = save_pruned_classifier(model, tokenizer, str(tmp_path / 'pruned'), info)
+    saved = save_hf(str(tmp_path / 'pruned'), model, tokenizer, info)
     assert saved['format'] == 'hf_structured'
     assert size_on_disk_mb(str(tmp_path / 'pruned')) < 0.85 * size_on_disk_mb(str(tmp_path / 'dense'))
     reloaded = load_compressed_model(str(tmp_path / 'pruned'))
@@ -424,9 +424,10 @@ def test_structured_pipeline_end_to_end(teacher_checkpoint, tmp_path):
     assert pruned['size_mb'] < baseline['size_mb']
     assert pruned['weights_removed_pruned_layers'] == pytest.approx(0.5, abs=0.01)
     assert pruned['params_removed_overall'] == pytest.approx(1 - pruned['params_total'] / baseline['params_total'], abs=1e-9)
-    assert pruned['f1_macro_before_pruning'] == pytest.approx(baseline['f1_macro'], abs=1e-6)
-    assert pruned['f1_macro_after_pruning'] is not None and pruned['f1_macro_after_fine_tune'] is not None
-    assert pruned['f1_macro_after_fine_tune'] == pytest.approx(pruned['f1_macro'], abs=1e-6)
+    # Diagnostics inside the technique are scored on the validation split; the test split is the evaluation's.
+    assert pruned['f1_macro_split'] == 'validation'
+    for key in ('f1_macro_before_pruning', 'f1_macro_after_pruning', 'f1_macro_after_fine_tune'):
+        assert 0.0 <= pruned[key] <= 1.0, key
     with open(os.path.join(pruned['model_dir'], 'compression_info.json'), encoding='utf-8') as fh:
         assert json.load(fh)['format'] == 'hf_structured'
 
@@ -434,7 +435,8 @@ def test_structured_pipeline_end_to_end(teacher_checkpoint, tmp_path):
 def test_structured_works_on_distilbert_layout(tmp_path):
     """DistilBERT names its projections differently (q_lin/k_lin/v_lin/out_lin, ffn.lin1/lin2)."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
-    from research_pruning import PRUNE_METHODS, load_structured_model, select_linear_layers
+    from research_models import build_structurally_pruned_model as load_structured_model
+    from research_pruning import PRUNE_METHODS, select_linear_layers
     torch.manual_seed(0)
     model = DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=120, dim=48, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=64, num_labels=5)).eval()

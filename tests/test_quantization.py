@@ -55,7 +55,7 @@ def build_setup(root, teacher_checkpoint, prune=False, **overrides):
     """The tiny fine-tuned teacher (its encoder pruned to 50% when `prune`), its data and fp32 copy on disk."""
     from research_compression_config import parse_compression_arguments
     from research_data import positive_class_weights, prepare_data, tokenized_splits
-    from research_inference import TorchClassifier, save_hf_classifier
+    from research_inference import TorchClassifier, save_hf
     from research_models import load_fine_tuned_classifier
     args = parse_compression_arguments(fast_args(root / 'out', pipeline='quant_only', teacher_checkpoint=teacher_checkpoint,
                                                  cache_dir=root / 'cache', **overrides))
@@ -66,7 +66,7 @@ def build_setup(root, teacher_checkpoint, prune=False, **overrides):
     splits = tokenized_splits(data, tokenizer, args.max_length, args.cache_dir)
     info = {'label_names': list(args.label_columns), 'max_length': args.max_length, 'threshold': args.threshold}
     fp32_dir = str(root / 'fp32')
-    save_hf_classifier(model, tokenizer, fp32_dir, info)
+    save_hf(fp32_dir, model, tokenizer, info)
     return {'root': root, 'args': args, 'model': model, 'tokenizer': tokenizer, 'splits': splits, 'info': info,
             'pos_weight': positive_class_weights(data.labels[data.train_idx]), 'pruned_names': pruned_names,
             'fp32_dir': fp32_dir, 'fp32': TorchClassifier(model, tokenizer, args.label_columns, args.max_length,
@@ -89,14 +89,12 @@ def quantized(setup):
 def quantize_case(setup, name, method, dtype):
     """Quantize the setup's model with one method into <root>/<name>: (folder, info returned by the quantizer)."""
     import copy
-    from research_inference import write_info
     from research_quantization import quantize_and_save
     args = copy.copy(setup['args'])
     args.quant_method, args.quant_dtype = method, dtype
     model_dir = str(setup['root'] / name)
     saved = quantize_and_save(setup['model'], setup['tokenizer'], model_dir, args, setup['splits'].train,
-                              setup['splits'].val, setup['pos_weight'])
-    write_info(model_dir, {**setup['info'], **saved})
+                              setup['splits'].val, setup['pos_weight'], setup['info'])
     return model_dir, saved
 
 
