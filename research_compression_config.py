@@ -154,8 +154,10 @@ def build_argument_parser() -> argparse.ArgumentParser:
     option(pipe, '--no_reuse_stages', action='store_false', dest='reuse_stages',
            help='Re-run every stage even if an identical one is stored under <cache_dir>/stages '
                 '(without it, stored stages are reused).')
-    option(pipe, '--progress_bars', action=argparse.BooleanOptionalAction, default=True,
-           help='Show training progress bars (--no_progress_bars for quiet logs, e.g. in sweeps).')
+    option(pipe, '--progress_bars', action='store_true', default=True,
+           help='Show training progress bars (on unless --no_progress_bars).')
+    option(pipe, '--no_progress_bars', action='store_false', dest='progress_bars',
+           help='No training progress bars: quiet logs for sweeps and notebooks.')
 
     data = parser.add_argument_group('data')
     option(data, '--text_column', type=str, default='comment', help='CSV column holding the texts.')

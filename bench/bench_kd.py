@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     pos_weight = positive_class_weights(data.labels[data.train_idx])
     teacher, tokenizer = load_fine_tuned_classifier(bench.teacher_checkpoint, base.label_columns)
     splits = tokenized_splits(data, tokenizer, base.max_length, base.cache_dir)
-    from research_compression_config import parse_student_layers
+    from research_kd import parse_student_layers
     initial_student = derive_student_from_teacher(teacher, parse_student_layers(bench.student_layers))
     rows = {}
     work = tempfile.mkdtemp(prefix='bench_kd_')
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     # Plain fine-tuning of the student: labels only, no teacher.
     run('no teacher', lambda student, timer: train_classifier(
         student, tokenizer, splits.train, splits.val, pos_weight, base, os.path.join(work, 'plain'), base.epochs, base.lr,
-        callbacks=[timer])[0])
+        callbacks=[timer]))
 
     # The teacher logits once (cache miss, timed), then a read from the cache (hit, timed).
     logit_cache = tempfile.mkdtemp(prefix='bench_kd_logits_')

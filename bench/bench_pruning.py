@@ -1,7 +1,7 @@
 """Pruning benchmark: every --prune_method at several sparsities on the real data, in one run.
 
 For each (method, sparsity): prune a copy of the fine-tuned teacher, fine-tune it (prune_and_fine_tune,
-exactly what the pipeline runs), save it (save_pruned_classifier), load it back (load_compressed_model),
+exactly what the pipeline runs), save it (research_inference.save_hf), load it back (load_compressed_model),
 and measure from the saved model: test macro-F1 and its retention against the unpruned teacher, sparsity
 and removed weights of the pruned layers, size on disk, and CPU latency against the unpruned teacher,
 timed alternately (dense, pruned, dense, ...) in the same window so a busy machine affects both alike.
@@ -114,10 +114,12 @@ def main(argv=None) -> int:
     import torch
     from transformers import set_seed
     from research_data import positive_class_weights, prepare_data, tokenized_splits
-    from research_eval import batches_of, latency_batch, size_on_disk_mb, weight_statistics
-    from research_inference import TorchClassifier, load_compressed_model, save_hf_classifier
+    from research_data import batches_of
+    from research_eval import latency_batch, size_on_disk_mb, weight_statistics
+    from research_inference import TorchClassifier, load_compressed_model, save_hf
     from research_models import load_fine_tuned_classifier
-    from research_pruning import prune_and_fine_tune, save_pruned_classifier, selected_weight_names
+    from research_models import selected_weight_names
+    from research_pruning import prune_and_fine_tune
 
     bench = parse_bench_arguments(argv)
     torch.set_num_threads(bench.threads)
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
             'max_length': args.max_length, 'threshold': args.threshold}
 
     dense_dir = os.path.join(bench.output_dir, 'dense')
-    save_hf_classifier(teacher, tokenizer, dense_dir, info)
+    save_hf(dense_dir, teacher, tokenizer, info)
     dense = load_compressed_model(dense_dir)
     batch = latency_batch(splits.test, tokenizer, bench.latency_batch_size, args.max_length)
     dense_stats = {'f1_macro': test_macro_f1(dense, splits.test, args), 'size_mb': size_on_disk_mb(dense_dir),
@@ -157,10 +159,10 @@ def main(argv=None) -> int:
             model, report = prune_and_fine_tune(copy.deepcopy(teacher), tokenizer, splits, pos_weight, args,
                                                 os.path.join(bench.output_dir, 'work'))
             model_dir = os.path.join(bench.output_dir, f'{method}_{int(round(sparsity * 100))}')
-            save_pruned_classifier(model, tokenizer, model_dir, info)
+            save_hf(model_dir, model, tokenizer, info)
             saved = load_compressed_model(model_dir)
             stats = weight_statistics(saved, selected_weight_names(model, args.prune_layers))
-            check = next(batches_of(splits.test, tokenizer, 64))
+            check = next(iter(batches_of(splits.test, tokenizer, 64)))
             in_memory = TorchClassifier(model, tokenizer, args.label_columns, args.max_length, args.threshold, {})
             reload_error = float(np.abs(saved.logits(check) - in_memory.logits(check)).max())
             if reload_error > 1e-4:

@@ -34,7 +34,7 @@ from research_compression_config import parse_compression_arguments  # noqa: E40
 from research_data import positive_class_weights, prepare_data, tokenized_splits  # noqa: E402
 from research_eval import latency_batch, predict_probabilities, quality_metrics, size_on_disk_mb  # noqa: E402
 from research_errors import UsageError  # noqa: E402
-from research_inference import OnnxClassifier, load_compressed_model, save_hf_classifier, write_info  # noqa: E402
+from research_inference import OnnxClassifier, load_compressed_model, save_hf  # noqa: E402
 from research_models import load_fine_tuned_classifier  # noqa: E402
 from research_quantization import export_to_onnx, quantize_and_save  # noqa: E402
 
@@ -89,10 +89,8 @@ def research_args(bench, work_dir):
             '--num_folds', str(bench.num_folds), '--eval_fold', str(bench.eval_fold), '--seed', str(bench.seed),
             '--max_length', str(bench.max_length), '--batch', str(bench.batch),
             '--quant_calibration_batches', str(bench.calibration_batches), '--fine_tune_epochs', str(bench.qat_epochs),
-            '--fine_tune_lr', str(bench.qat_lr), '--cache_dir', os.path.join(work_dir, 'cache')]
-    args = parse_compression_arguments(argv)
-    args.progress_bars = False
-    return args
+            '--fine_tune_lr', str(bench.qat_lr), '--cache_dir', os.path.join(work_dir, 'cache'), '--no_progress_bars']
+    return parse_compression_arguments(argv)
 
 
 def quality(classifier, dataset, threshold):
@@ -119,7 +117,7 @@ def build_rows(bench, args, model, tokenizer, splits, pos_weight, work_dir):
     info = {'label_names': list(args.label_columns), 'max_length': args.max_length, 'threshold': args.threshold}
     rows = {}
     fp32_dir = os.path.join(work_dir, 'torch_fp32')
-    save_hf_classifier(model, tokenizer, fp32_dir, info)
+    save_hf(fp32_dir, model, tokenizer, info)
     rows['torch fp32'] = (load_compressed_model(fp32_dir, device=bench.device), fp32_dir, 0.0, '')
     if bench.device == 'cpu':
         ort_dir = os.path.join(work_dir, 'ort_fp32')
@@ -136,12 +134,11 @@ def build_rows(bench, args, model, tokenizer, splits, pos_weight, work_dir):
         train = qat_train if method == 'qat' else splits.train
         started = time.time()
         try:
-            saved = quantize_and_save(model, tokenizer, model_dir, row_args, train, splits.val, pos_weight)
+            saved = quantize_and_save(model, tokenizer, model_dir, row_args, train, splits.val, pos_weight, info)
         except UsageError as exc:
             print(f'[bench] {name}: not run here: {exc}')
             rows[name] = (None, None, 0.0, f'not run: {type(exc).__name__} (needs a CUDA GPU; none on this machine)')
             continue
-        write_info(model_dir, {**info, **saved})
         seconds = time.time() - started
         print(f'[bench] {name}: quantized in {seconds:.0f} s')
         device = bench.device if saved.get('format') == 'hf' else None   # ONNX stays on CPU, bnb loads on the GPU
