@@ -194,6 +194,17 @@ def build_argument_parser() -> argparse.ArgumentParser:
                 "uniformly, '0,2,5' keeps the listed ones (DistilBERT initialisation; shares the "
                 'teacher tokenizer; offline). Overrides --student_path.')
 
+    vocab = parser.add_argument_group('vocabulary trimming')
+    option(vocab, '--trim_vocab', action='store_true', stages=('kd', 'prune', 'quant'),
+           help='Keep only the tokens that occur in the training texts (plus special tokens and --trim_vocab_keep): '
+                'the student before distillation, or the teacher entering prune/quant in pipelines without KD. '
+                'Shrinks the input embeddings and rebuilds the tokenizer (a plain Hugging Face folder); words '
+                'made of dropped tokens become the unknown token (the share on the test split is reported).')
+    option(vocab, '--trim_vocab_min_count', type=int, default=1, stages=('kd', 'prune', 'quant'),
+           help='With --trim_vocab: keep a token only if it occurs at least this often in the training texts.')
+    option(vocab, '--trim_vocab_keep', type=_comma_list, default=[], stages=('kd', 'prune', 'quant'),
+           help='With --trim_vocab: comma-separated tokens to keep whatever their count (as the tokenizer spells them).')
+
     train = parser.add_argument_group('training')
     option(train, '--batch', type=int, default=32, stages=trained, help='Training batch size per device.')
     option(train, '--lr', type=float, default=2e-5, stages=trained, help='Learning rate of teacher and student training.')
@@ -344,6 +355,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
         (args.batch >= 1 and args.latency_batch_size >= 1, '--batch and --latency_batch_size must be at least 1.'),
         (len(args.label_columns) >= 1, '--label_columns must name at least one column.'),
         (0.0 < args.threshold < 1.0, f'--threshold must be in (0, 1), got {args.threshold}.'),
+        (args.trim_vocab_min_count >= 1, f'--trim_vocab_min_count must be at least 1, got {args.trim_vocab_min_count}.'),
     ]
     for ok, message in checks:
         if not ok:
@@ -391,6 +403,9 @@ def print_compression_config(args: argparse.Namespace, pipelines: Sequence[str])
               f'fine-tune={"%d epochs" % args.fine_tune_epochs if args.fine_tune_after_prune else "no"}')
     if uses['enable_quantization']:
         print(f'Quant:    {args.quant_method} ({args.quant_dtype})')
+    if args.trim_vocab:
+        print(f'Vocab:    trimmed to the training texts (min count {args.trim_vocab_min_count}'
+              + (f', always kept: {",".join(args.trim_vocab_keep)}' if args.trim_vocab_keep else '') + ')')
     print(f'Output:   {args.output_dir}')
     print('=' * 72 + '\n')
 

@@ -15,6 +15,7 @@ from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_r
 from research_data import batches_of, tokenized_splits
 from research_inference import TorchClassifier, load_compressed_model, sigmoid
 from research_models import weight_names_in_group
+from research_vocab import unknown_token_share
 
 # Files that hold model weights; tokenizer files, configs and cards are not counted in size_mb.
 WEIGHT_FILE_SUFFIXES = ('.safetensors', '.onnx', '.onnx_data', '.bin', '.pt', '.gguf')
@@ -207,4 +208,14 @@ def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], data, settings)
     result.update(evaluate_saved_model(classifier, model_dir, test, weight_names_in_group(linear_roles, settings.prune_layers),
                                        settings.threshold, settings.latency_batch_size, settings.max_length,
                                        settings.latency_runs))
+    result.update(vocabulary_statistics(classifier.tokenizer, [data.texts[i] for i in data.test_idx], settings.max_length))
     return result
+
+
+def vocabulary_statistics(tokenizer, test_texts: Sequence[str], max_length: int) -> Dict:
+    """The vocabulary a stage reads with, and the share of the test split's tokens that are unknown to it
+    (what --trim_vocab costs on words the training texts never used)."""
+    stats = {'vocab_size': len(tokenizer), 'test_unknown_token_share': None}
+    if getattr(tokenizer, 'is_fast', False):
+        stats['test_unknown_token_share'] = unknown_token_share(tokenizer, test_texts, max_length)
+    return stats

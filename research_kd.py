@@ -29,7 +29,8 @@ from research_errors import UsageError
 from research_inference import load_trainable_model, save_hf
 from research_models import (configured_depth, linear_weight_roles, load_encoder_for_classification, load_tokenizer,
                              model_inputs, weights_fingerprint)
-from research_training import MultiLabelTrainer, make_trainer, run_training, stage_info, training_pos_weight
+from research_training import (MultiLabelTrainer, make_trainer, run_training, stage_info, training_pos_weight,
+                               trim_vocabulary_if_asked)
 
 # Columns that carry the teacher's own tokenization through the student's training set (different tokenizers).
 TEACHER_TOKEN_PREFIX = 'teacher_'
@@ -487,11 +488,11 @@ class DistillationTrainer(MultiLabelTrainer):
 
     def teacher_outputs(self, inputs):
         """The frozen teacher's forward on its own tokens (or the student's, when the tokenizers agree)."""
-        if self.tokens_aligned:
-            teacher_inputs = model_inputs(inputs)
-        else:
+        if TEACHER_TOKEN_PREFIX + 'input_ids' in inputs:   # the teacher's own token ids came with the batch
             teacher_inputs = {k: inputs[TEACHER_TOKEN_PREFIX + k] for k in TEACHER_TOKEN_COLUMNS
                               if TEACHER_TOKEN_PREFIX + k in inputs}
+        else:
+            teacher_inputs = model_inputs(inputs)
         with torch.no_grad(), autocast_on_gpu(self.args.device):
             return self.teacher(**teacher_inputs, **self.output_flags())
 
@@ -549,9 +550,21 @@ class DistillationTrainer(MultiLabelTrainer):
         super().log(logs, *args, **kwargs)
 
 
-def distillation_plan(args, student, teacher, student_tokenizer, teacher_tokenizer) -> Tuple[List[FeatureMatch], bool]:
-    """(the intermediate matches of --kd_method, whether both models see the same tokens)."""
-    aligned = same_tokenization(student_tokenizer, teacher_tokenizer)
+def same_token_sequences(student_tokenizer, teacher_tokenizer, texts: Sequence[str], max_length: int) -> bool:
+    """True when both tokenizers cut every text into the same token strings (ids may differ, e.g. a student
+    whose vocabulary was trimmed from the teacher's): position i of one model is position i of the other."""
+    def tokens(tokenizer):
+        ids = tokenizer(list(texts), truncation=True, max_length=max_length)['input_ids']
+        return [tokenizer.convert_ids_to_tokens(row) for row in ids]
+    return bool(texts) and tokens(student_tokenizer) == tokens(teacher_tokenizer)
+
+
+def distillation_plan(args, student, teacher, student_tokenizer, teacher_tokenizer,
+                      train_texts: Sequence[str] = ()) -> Tuple[List[FeatureMatch], bool]:
+    """(the intermediate matches of --kd_method, whether both models see the same token positions on the
+    training texts: the same tokenizer, or the same token strings under other ids)."""
+    aligned = (same_tokenization(student_tokenizer, teacher_tokenizer)
+               or same_token_sequences(student_tokenizer, teacher_tokenizer, train_texts, args.max_length))
     features = method_features(args.kd_method)
     if 'attention' in features and not aligned:
         refuse_attention_across_tokenizers(args.kd_method)
@@ -576,7 +589,9 @@ def distill_student(student, student_tokenizer, student_splits, teacher, teacher
                     pos_weight, args, work_dir: str, callbacks: Sequence = ()):
     """Train the student against the labels and the teacher (--kd_method); the best validation epoch's
     weights are restored. Returns (student, trainer); the trainer's model also holds the (unsaved) projections."""
-    matches, aligned = distillation_plan(args, student, teacher, student_tokenizer, teacher_tokenizer)
+    train_texts = [data.texts[i] for i in data.train_idx]
+    matches, aligned = distillation_plan(args, student, teacher, student_tokenizer, teacher_tokenizer, train_texts)
+    same_ids = same_tokenization(student_tokenizer, teacher_tokenizer)
     train = student_splits.train
     trainer_kwargs = dict(kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, matches=matches)
     if not matches:
@@ -585,7 +600,7 @@ def distill_student(student, student_tokenizer, student_splits, teacher, teacher
         train = train.add_column(TEACHER_LOGITS_COLUMN, logits.tolist())
     else:
         trainer_kwargs.update(teacher=teacher, tokens_aligned=aligned)
-        if not aligned:
+        if not same_ids:   # the teacher reads its own token ids of the same texts
             train = with_teacher_tokens(train, teacher_splits.train)
             trainer_kwargs['teacher_tokenizer'] = teacher_tokenizer
     trainer = make_trainer(student, student_tokenizer, train, student_splits.val, pos_weight, args, work_dir,
@@ -605,9 +620,11 @@ def step(parent, data, settings, out_dir: str) -> Dict:
     else:
         student, student_tokenizer = load_encoder_for_classification(settings.student_path, settings.label_columns,
                                                                      settings.dropout)
+    # --trim_vocab: the student loses the embedding rows no training text reaches before it trains
+    student, student_tokenizer, trim_report = trim_vocabulary_if_asked(student, student_tokenizer, data, settings)
     teacher_splits = tokenized_splits(data, teacher_tokenizer, settings.max_length, settings.cache_dir)
     student_splits = tokenized_splits(data, student_tokenizer, settings.max_length, settings.cache_dir)
     student, _ = distill_student(student, student_tokenizer, student_splits, teacher_model, teacher_tokenizer,
                                  teacher_splits, data, training_pos_weight(data), settings, os.path.join(out_dir, 'work'))
     save_hf(out_dir, student, student_tokenizer, stage_info(settings, 'kd', data))
-    return {'linear_roles': linear_weight_roles(student)}
+    return {'linear_roles': linear_weight_roles(student), 'report': trim_report}

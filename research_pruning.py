@@ -31,7 +31,7 @@ from research_eval import macro_f1_of_model
 from research_inference import load_trainable_model, save_hf
 from research_models import (PRUNE_LAYER_GROUPS, EncoderLayer, encoder_layers, is_structurally_pruned,
                              linear_weight_roles, model_inputs, select_linear_layers, shrink_encoder)
-from research_training import stage_info, train_classifier, training_pos_weight
+from research_training import stage_info, train_classifier, training_pos_weight, trim_vocabulary_if_asked
 
 
 def collect_input_norms(model: nn.Module, layers: Dict[str, nn.Linear], batches: Sequence[dict]) -> Dict[str, torch.Tensor]:
@@ -429,8 +429,9 @@ def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: st
 def step(parent, data, settings, out_dir: str) -> Dict:
     """Prune the parent stage (teacher or student), fine-tune with masks held, make masks permanent, save."""
     model, tokenizer = load_trainable_model(parent.path)
+    model, tokenizer, trim_report = trim_vocabulary_if_asked(model, tokenizer, data, settings)
     splits = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir)
     model, report = prune_and_fine_tune(model, tokenizer, splits, training_pos_weight(data), settings,
                                         os.path.join(out_dir, 'work'))
     save_hf(out_dir, model, tokenizer, stage_info(settings, 'prune', data))
-    return {'linear_roles': linear_weight_roles(model), 'report': report}
+    return {'linear_roles': linear_weight_roles(model), 'report': {**trim_report, **report}}

@@ -35,7 +35,7 @@ from research_data import batches_of, tokenized_splits
 from research_errors import MethodNotAvailable, UsageError
 from research_inference import ONNX_FILE, load_trainable_model, save_bnb4, save_hf, save_onnx
 from research_models import HEAD_MODULES
-from research_training import stage_info, train_classifier, training_pos_weight
+from research_training import stage_info, train_classifier, training_pos_weight, trim_vocabulary_if_asked
 
 ONNX_OPSET = 17
 QUANT_DTYPES = ['int8', 'int4', 'nf4', 'fp4', 'fp16', 'bf16']
@@ -492,7 +492,8 @@ def quantize_and_save(model, tokenizer, model_dir: str, args, train_dataset, val
 def step(parent, data, settings, out_dir: str) -> Dict:
     """Quantize the parent stage; the quantizer writes its own artifact (e.g. an int8 ONNX file)."""
     model, tokenizer = load_trainable_model(parent.path)
+    model, tokenizer, trim_report = trim_vocabulary_if_asked(model, tokenizer, data, settings)
     splits = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir)
     quantize_and_save(model, tokenizer, out_dir, settings, splits.train, splits.val, training_pos_weight(data),
                       stage_info(settings, 'quant', data))
-    return {'linear_roles': parent.meta['linear_roles']}
+    return {'linear_roles': parent.meta['linear_roles'], 'report': trim_report}

@@ -22,6 +22,7 @@ from research_eval import quality_metrics
 from research_inference import INFO_FILE, save_hf, sigmoid
 from research_models import (linear_weight_roles, load_encoder_for_classification, load_fine_tuned_classifier,
                              model_inputs)
+from research_vocab import trim_vocabulary
 
 
 class MultiLabelTrainer(Trainer):
@@ -126,6 +127,22 @@ def train_classifier(model, tokenizer, train_dataset, val_dataset, pos_weight, s
 
 def training_pos_weight(data) -> np.ndarray:
     return positive_class_weights(data.labels[data.train_idx])
+
+
+def trim_vocabulary_if_asked(model, tokenizer, data, settings):
+    """--trim_vocab: keep only the tokens of the training texts (never validation or test texts), once per
+    model: a model whose vocabulary is already trimmed passes through. Returns (model, tokenizer, report)."""
+    if not settings.trim_vocab or getattr(model.config, 'vocab_trimmed', False):
+        return model, tokenizer, {}
+    texts = [data.texts[i] for i in data.train_idx]
+    # Whole texts, not truncated ones: WordPiece turns a word into one unknown token when any of its pieces
+    # is missing, so a word cut by --max_length must keep its later pieces too.
+    model, tokenizer, report = trim_vocabulary(model, tokenizer, texts, None, settings.trim_vocab_min_count,
+                                               settings.trim_vocab_keep)
+    model.config.vocab_trimmed = True
+    print(f'[vocab] trimmed to the training texts: {report["vocab_size_before"]:,} -> {report["vocab_size_after"]:,} '
+          f'tokens (min count {settings.trim_vocab_min_count})')
+    return model, tokenizer, {k: v for k, v in report.items() if isinstance(v, (int, float, str, bool))}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,12 +45,12 @@ _COST_NOTES = {
 
 def token_counts(tokenizer, texts, max_length):
     """Counter of the token ids the tokenizer produces on `texts` (special tokens included, truncated at
-    `max_length`, i.e. exactly the ids the model would see)."""
+    `max_length`, i.e. exactly the ids the model would see; `None`: whole texts)."""
     _require_fast(tokenizer)
     texts = [str(t) for t in texts]
     counts = collections.Counter()
     for start in range(0, len(texts), _BATCH):
-        encoded = tokenizer(texts[start:start + _BATCH], add_special_tokens=True, truncation=True,
+        encoded = tokenizer(texts[start:start + _BATCH], add_special_tokens=True, truncation=max_length is not None,
                             max_length=max_length)
         for ids in encoded['input_ids']:
             counts.update(ids)

@@ -276,3 +276,55 @@ def test_special_tokens_keep_their_ids_where_they_fit():
     # Old id 3 is pinned (3 < 5 kept ids); old id 12 cannot be (no slot 12), so it follows in order.
     assert _pinned_order([0, 2, 3, 9, 12], {3, 12}) == [0, 2, 9, 3, 12]
     assert _pinned_order([0, 1, 2, 40], {0, 1, 2}) == [0, 1, 2, 40]
+
+
+# ---------------------------------------------------------------------------------------------
+# --trim_vocab through the pipelines
+# ---------------------------------------------------------------------------------------------
+
+def test_trim_vocab_with_structured_pruning_and_int8_end_to_end(tmp_path, teacher_checkpoint):
+    """kd_prune_quant with a trimmed derived student, multi-level KD (positions still line up with the
+    teacher's), structured pruning and int8: runs, reports vocab sizes and the unknown share, and reloads."""
+    import json
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from conftest import fast_args, run_cli
+    from research_inference import load_compressed_model
+    code = run_cli(fast_args(tmp_path / 'out', pipeline='kd_prune_quant', teacher_checkpoint=teacher_checkpoint,
+                             student_layers=2, kd_method='multi_level', trim_vocab=True, prune_method='structured',
+                             calibration_samples=32, cache_dir=tmp_path / 'cache', save_all_stages=True))
+    assert code == 0
+    with open(tmp_path / 'out' / 'results_final.json', encoding='utf-8') as fh:
+        baseline, kd, pruned, quant = json.load(fh)['stages']
+    assert kd['vocab_size_before'] == baseline['vocab_size'] > kd['vocab_size_after'] == kd['vocab_size']
+    assert pruned['vocab_size'] == quant['vocab_size'] == kd['vocab_size']          # trimmed once, carried on
+    assert baseline['test_unknown_token_share'] == 0.0 < quant['test_unknown_token_share'] < 0.1
+    assert quant['size_mb'] < pruned['size_mb'] < baseline['size_mb']
+    student_dir = kd['model_dir']
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)           # a plain Hugging Face folder
+    model = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == kd['vocab_size']
+    predictions = load_compressed_model(quant['model_dir']).predict(['তুই একটা বেয়াদব'])
+    assert len(predictions) == 1 and len(predictions[0]) == 5
+
+
+def test_trim_vocab_is_part_of_the_stage_identity(tmp_path):
+    from conftest import fast_args
+    from research_compression_config import parse_compression_arguments, pipeline_settings, stage_identity
+    plain = parse_compression_arguments(fast_args(tmp_path / 'a', pipeline='kd_prune_quant'))
+    trimmed = parse_compression_arguments(fast_args(tmp_path / 'b', pipeline='kd_prune_quant', trim_vocab=True))
+    for kind in ('kd', 'prune', 'quant'):
+        assert stage_identity(pipeline_settings(plain, 'kd_prune_quant', 1), kind) != \
+            stage_identity(pipeline_settings(trimmed, 'kd_prune_quant', 1), kind)
+    assert stage_identity(pipeline_settings(plain, 'kd_prune_quant', 1), 'teacher') == \
+        stage_identity(pipeline_settings(trimmed, 'kd_prune_quant', 1), 'teacher')   # the teacher is shared
+
+
+def test_trim_vocab_trims_the_teacher_entering_quantization_without_kd(tmp_path, teacher_checkpoint):
+    import json
+    from conftest import fast_args, run_cli
+    code = run_cli(fast_args(tmp_path / 'out', pipeline='quant_only', teacher_checkpoint=teacher_checkpoint,
+                             trim_vocab=True, cache_dir=tmp_path / 'cache'))
+    assert code == 0
+    with open(tmp_path / 'out' / 'results_final.json', encoding='utf-8') as fh:
+        baseline, quant = json.load(fh)['stages']
+    assert quant['vocab_size_before'] == baseline['vocab_size'] > quant['vocab_size'] == quant['vocab_size_after']
