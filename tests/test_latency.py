@@ -311,6 +311,20 @@ def test_onnxruntime_session_options_set_the_thread_policy(tmp_path):
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
 
 
+def test_onnx_classifier_threads_and_set_threads(tmp_path):
+    from research_inference import OnnxClassifier
+    path = _tiny_onnx(tmp_path / 'm.onnx')
+    clf = OnnxClassifier(path, None, ['a'], 8, 0.5, {}, threads=2)
+    assert clf.session.get_session_options().intra_op_num_threads == 2
+    assert clf.set_threads(1) is clf
+    assert clf.session.get_session_options().intra_op_num_threads == 1
+    assert OnnxClassifier(path, None, ['a'], 8, 0.5, {}).session.get_session_options().intra_op_num_threads == 0
+    batch = {'input_ids': np.ones((2, 3), dtype=np.int64)}
+    assert clf.logits(batch).shape == (2, 3)
+    result = measure_interleaved({'onnx': make_timer(clf, batch)}, rounds=5, warmup=1)
+    assert result['onnx']['latency_rounds'] == 5 and result['onnx']['latency_ms_p50'] > 0
+
+
 # --- shipped size ----------------------------------------------------------------------------------------------
 
 def test_compressed_size_sparse_weights_shrink_random_ones_do_not(tmp_path):
