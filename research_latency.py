@@ -13,8 +13,8 @@ and land on one position of the round more than the other, so single-round ratio
 first, 8.6 where the fast one did, true ratio 3.0) and their median lands on either mode: 1.5x to 8.6x,
 more than 15% off in 36 of 80 runs of 120 rounds. The median over cycles of sum(baseline) / sum(stage) was
 more than 15% off in 2 of 105 such runs, and in none of 57 runs of 4 ms / 12 ms stubs (at most 12.7%);
-being a median, it is not moved by a few stalled calls. A stage whose numbers still vary too much is flagged (`latency_noisy`,
-`latency_warning`), never reported as a silent number.
+being a median, it is not moved by a few stalled calls. A stage whose numbers still vary too much is flagged
+(`latency_noisy`, `latency_warning`), never reported as a silent number.
 
 Thread policy: every runtime is timed with the same number of intra-op threads, `intra_op_threads(n)` for
 PyTorch and `onnxruntime_session_options(n)` for ONNX Runtime; the caller records n next to the numbers.
