@@ -51,6 +51,11 @@ class CompressedClassifier:
     def logits(self, batch: dict) -> np.ndarray:
         raise NotImplementedError
 
+    def set_threads(self, n: int) -> 'CompressedClassifier':
+        """Intra-op threads to run with. A no-op for PyTorch, which reads its process-wide count at every call:
+        time it inside research_latency.intra_op_threads(n). ONNX sessions override this."""
+        return self
+
     def to(self, device) -> 'CompressedClassifier':
         """Run on `device`. Only PyTorch models move; an ONNX model runs on the CPU with ONNX Runtime."""
         import torch
@@ -109,13 +114,21 @@ class TorchClassifier(CompressedClassifier):
 class OnnxClassifier(CompressedClassifier):
     """An ONNX Runtime session (e.g. an int8-quantized export)."""
 
-    def __init__(self, model_path, tokenizer, label_names, max_length, threshold, info):
+    def __init__(self, model_path, tokenizer, label_names, max_length, threshold, info, threads: Optional[int] = None):
         super().__init__(tokenizer, label_names, max_length, threshold, info)
-        import onnxruntime as ort
         self.model_path = model_path
-        self.session = ort.InferenceSession(model_path, providers=['CPUExecutionProvider'])
+        self.set_threads(threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.device_name = 'cpu (onnxruntime)'
+
+    def set_threads(self, n: Optional[int]) -> 'OnnxClassifier':
+        """(Re-)create the session with `n` intra-op threads, one inter-op thread, sequential execution
+        (research_latency.onnxruntime_session_options); None gives ONNX Runtime's defaults."""
+        import onnxruntime as ort
+        from research_latency import onnxruntime_session_options
+        options = None if n is None else onnxruntime_session_options(n)
+        self.session = ort.InferenceSession(self.model_path, sess_options=options, providers=['CPUExecutionProvider'])
+        return self
 
     def logits(self, batch: dict) -> np.ndarray:
         ids = batch['input_ids']
