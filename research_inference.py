@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 
 from research_errors import UsageError
+from research_latency import onnxruntime_session_options
 from research_models import build_structurally_pruned_model, is_structurally_pruned, model_inputs
 
 INFO_FILE = 'compression_info.json'
@@ -125,7 +126,6 @@ class OnnxClassifier(CompressedClassifier):
         """(Re-)create the session with `n` intra-op threads, one inter-op thread, sequential execution
         (research_latency.onnxruntime_session_options); None gives ONNX Runtime's defaults."""
         import onnxruntime as ort
-        from research_latency import onnxruntime_session_options
         options = None if n is None else onnxruntime_session_options(n)
         self.session = ort.InferenceSession(self.model_path, sess_options=options, providers=['CPUExecutionProvider'])
         return self
