@@ -287,7 +287,14 @@ def build_argument_parser() -> argparse.ArgumentParser:
     evaluation = parser.add_argument_group('evaluation')
     option(evaluation, '--threshold', type=float, default=0.5, help='Decision threshold on each sigmoid output.')
     option(evaluation, '--latency_batch_size', type=int, default=1, help='Batch size of the latency measurement.')
-    option(evaluation, '--latency_runs', type=int, default=30, help='Timed batches per stage (after 3 warm-up batches).')
+    option(evaluation, '--latency_runs', type=int, default=30,
+           help='Timed rounds: in each round every stage of the run predicts the latency batch once, in an order '
+                'rotated every round (after 3 warm-up rounds); at least 5 full rotations are run.')
+    option(evaluation, '--latency_threads', type=int, default=1,
+           help='Intra-op threads of every runtime while timing (PyTorch and ONNX Runtime alike), recorded in the results.')
+    option(evaluation, '--latency_noise_bound', type=float, default=0.15,
+           help='A stage whose latency or speed-up spread (interquartile range / median) exceeds this is flagged '
+                'noisy in the results and warned about.')
     option(evaluation, '--no_peak_memory', action='store_false', dest='measure_peak_memory',
            help='Skip the peak-memory measurement (without it, each stage is loaded once more in a '
                 'fresh process to measure its peak resident memory, about 3 s per stage).')
@@ -355,6 +362,9 @@ def validate_arguments(args: argparse.Namespace) -> None:
         (args.batch >= 1 and args.latency_batch_size >= 1, '--batch and --latency_batch_size must be at least 1.'),
         (len(args.label_columns) >= 1, '--label_columns must name at least one column.'),
         (0.0 < args.threshold < 1.0, f'--threshold must be in (0, 1), got {args.threshold}.'),
+        (args.latency_runs >= 1, f'--latency_runs must be at least 1, got {args.latency_runs}.'),
+        (args.latency_threads >= 1, f'--latency_threads must be at least 1, got {args.latency_threads}.'),
+        (args.latency_noise_bound > 0, f'--latency_noise_bound must be positive, got {args.latency_noise_bound}.'),
         (args.trim_vocab_min_count >= 1, f'--trim_vocab_min_count must be at least 1, got {args.trim_vocab_min_count}.'),
     ]
     for ok, message in checks:

@@ -3,9 +3,8 @@ evaluation of a stored stage, and the comparison of every stage against the base
 each metric; the results JSON/CSV, the ablation table and the model card all read these dictionaries.
 """
 
-import math
 import os
-import time
+import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -13,7 +12,8 @@ from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_r
                              roc_auc_score)
 
 from research_data import batches_of, tokenized_splits
-from research_inference import TorchClassifier, load_compressed_model, sigmoid
+from research_inference import OnnxClassifier, TorchClassifier, export_to_onnx, load_compressed_model, sigmoid
+from research_latency import compressed_size_mb, cycle_ratio, intra_op_threads, make_timer, measure_interleaved
 from research_models import weight_names_in_group
 from research_vocab import unknown_token_share
 
@@ -77,29 +77,6 @@ def latency_batch(dataset, tokenizer, batch_size: int, seq_len: int) -> dict:
     while len(features) < batch_size:  # tiny test splits: repeat rows to fill the batch
         features.append(features[len(features) % max(len(rows['input_ids']), 1)])
     return tokenizer.pad(features, padding='max_length', max_length=seq_len, return_tensors='pt')
-
-
-def measure_latency(classifier, batch: dict, runs: int = 30, warmup: int = 3) -> Dict:
-    """Wall-clock latency per batch (ms): mean and p50/p95/p99 over `runs` batches after `warmup`."""
-    for _ in range(warmup):
-        classifier.logits(batch)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        classifier.logits(batch)
-        times.append((time.perf_counter() - start) * 1000.0)
-    times = np.asarray(times)
-    batch_size = int(batch['input_ids'].shape[0])
-    return {
-        'latency_ms_mean': float(times.mean()),
-        'latency_ms_p50': float(np.percentile(times, 50)),
-        'latency_ms_p95': float(np.percentile(times, 95)),
-        'latency_ms_p99': float(np.percentile(times, 99)),
-        'throughput_samples_s': float(batch_size * 1000.0 / times.mean()),
-        'latency_batch_size': batch_size,
-        'latency_seq_len': int(batch['input_ids'].shape[1]),
-        'latency_device': classifier.device_name,
-    }
 
 
 # Run in a fresh interpreter by measure_peak_memory: the runtimes are imported first, then the model is
@@ -169,31 +146,33 @@ def weight_statistics(classifier, pruned_layer_names: Sequence[str]) -> Dict:
 
 
 def evaluate_saved_model(classifier, model_dir: str, test_dataset, pruned_layer_names: Sequence[str],
-                         threshold: float, latency_batch_size: int, seq_len: int, latency_runs: int) -> Dict:
-    """Every metric of one stage, measured on the model as loaded back from `model_dir`."""
+                         threshold: float) -> Dict:
+    """Quality, size and weights of one stage, measured on the model as loaded back from `model_dir`."""
     labels, probs = predict_probabilities(classifier, test_dataset)
     result = quality_metrics(labels, probs, classifier.label_names, threshold)
     result['size_mb'] = size_on_disk_mb(model_dir)
+    result['size_mb_compressed'] = compressed_size_mb(model_dir)
     result.update(weight_statistics(classifier, pruned_layer_names))
-    batch = latency_batch(test_dataset, classifier.tokenizer, latency_batch_size, seq_len)
-    result.update(measure_latency(classifier, batch, runs=latency_runs))
     return result
 
 
 def add_relative_metrics(stages: List[Dict]) -> List[Dict]:
-    """compression_ratio (baseline size / stage size) and speedup (baseline p50 / stage p50) against the
-    first stage, which is always the baseline teacher measured in the same run."""
+    """compression_ratio (baseline size / stage size, raw and zip-compressed) and the macro-F1 delta against
+    the first stage, the baseline teacher of the same run. The speed-up comes from the side-by-side latency
+    measurement (`measure_side_by_side`), never from two separate timings."""
     base = stages[0]
     for stage in stages:
         stage['compression_ratio'] = base['size_mb'] / stage['size_mb'] if stage['size_mb'] else None
-        stage['speedup'] = base['latency_ms_p50'] / stage['latency_ms_p50'] if stage['latency_ms_p50'] else None
+        stage['compression_ratio_compressed'] = (base['size_mb_compressed'] / stage['size_mb_compressed']
+                                                 if stage['size_mb_compressed'] else None)
         stage['f1_macro_delta_vs_baseline'] = stage['f1_macro'] - base['f1_macro']
     return stages
 
 
 def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], data, settings) -> Dict:
-    """Every metric of one stored stage, measured on the model loaded back from disk (what is reported is
-    what was saved): quality on the test split, size, weights and sparsity, latency, peak memory."""
+    """Every metric of one stored stage but its latency, measured on the model loaded back from disk (what is
+    reported is what was saved): quality on the test split, size, weights and sparsity, vocabulary, peak
+    memory. Latency is measured for all stages of a run together (`measure_side_by_side`)."""
     classifier = load_compressed_model(model_dir)
     test = tokenized_splits(data, classifier.tokenizer, settings.max_length, settings.cache_dir).test
     result = {}
@@ -206,8 +185,7 @@ def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], data, settings)
         result.update({'peak_memory_mb': None, 'peak_memory_model_mb': None,
                        'peak_memory_scope': 'not measured (--no_peak_memory)'})
     result.update(evaluate_saved_model(classifier, model_dir, test, weight_names_in_group(linear_roles, settings.prune_layers),
-                                       settings.threshold, settings.latency_batch_size, settings.max_length,
-                                       settings.latency_runs))
+                                       settings.threshold))
     result.update(vocabulary_statistics(classifier.tokenizer, [data.texts[i] for i in data.test_idx], settings.max_length))
     return result
 
@@ -219,3 +197,72 @@ def vocabulary_statistics(tokenizer, test_texts: Sequence[str], max_length: int)
     if getattr(tokenizer, 'is_fast', False):
         stats['test_unknown_token_share'] = unknown_token_share(tokenizer, test_texts, max_length)
     return stats
+
+
+MIN_CYCLES = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency: every stage of a run timed together, in interleaved rounds, with one thread policy
+# ---------------------------------------------------------------------------------------------
+
+def measure_side_by_side(model_dirs: Dict[str, str], baseline: str, data, settings,
+                         parents: Optional[Dict[str, str]] = None) -> Dict[str, Dict]:
+    """Latency of every stage in `model_dirs` ({name: folder}), measured together: each loaded from disk,
+    given the same batch of real test texts padded to `max_length` tokens (in its own tokenization), run with
+    `--latency_threads` intra-op threads in PyTorch and ONNX Runtime alike, timed once per round in
+    `--latency_runs` rounds with the order rotated (research_latency.measure_interleaved). The speed-up
+    against `baseline` is the median over rotation cycles of the time ratio, with its IQR; a stage whose
+    spread exceeds `--latency_noise_bound` is flagged and warned about.
+
+    `parents` ({stage name: folder of the PyTorch model it was made from}): for a stage that changed the
+    runtime (an ONNX Runtime model made from a PyTorch one), its parent exported to ONNX at fp32 is timed in
+    the same rounds, so the runtime's gain and the quantization's own gain are reported separately."""
+    threads = settings.latency_threads
+    timers, described, fp32_onnx_references = {}, {}, {}
+    with intra_op_threads(threads), tempfile.TemporaryDirectory(prefix='fp32_onnx_') as scratch:
+        for name, model_dir in model_dirs.items():
+            classifier = load_compressed_model(model_dir).set_threads(threads)
+            timers[name] = make_timer(classifier, _latency_batch_for(classifier.tokenizer, data, settings))
+            described[name] = classifier.device_name
+            if isinstance(classifier, OnnxClassifier) and (parents or {}).get(name):
+                fp32_onnx_references[name] = parents[name]
+        for name, parent_dir in fp32_onnx_references.items():
+            parent = load_compressed_model(parent_dir)
+            onnx_path = os.path.join(scratch, f'{len(timers)}.onnx')
+            export_to_onnx(parent.model, parent.tokenizer, onnx_path, settings.max_length)
+            reference = OnnxClassifier(onnx_path, parent.tokenizer, parent.label_names, parent.max_length,
+                                       parent.threshold, {}, threads=threads)
+            timers[f'{name} (fp32 ONNX reference)'] = make_timer(reference, _latency_batch_for(parent.tokenizer, data, settings))
+        # At least MIN_CYCLES whole rotations: the speed-up is a median over cycles and its spread needs several.
+        rounds = max(settings.latency_runs, MIN_CYCLES * len(timers))
+        timed = measure_interleaved(timers, rounds=rounds, warmup=3, baseline=baseline,
+                                    noise_bound=settings.latency_noise_bound)
+    results = {}
+    for name in model_dirs:
+        result = dict(timed[name])
+        result.update({'latency_threads': threads, 'latency_batch_size': settings.latency_batch_size,
+                       'latency_seq_len': settings.max_length, 'latency_device': described[name],
+                       'throughput_samples_s': settings.latency_batch_size * 1000.0 / result['latency_ms_mean']})
+        reference_name = f'{name} (fp32 ONNX reference)'
+        if reference_name in timed:
+            reference, parent_dir = timed[reference_name], fp32_onnx_references[name]
+            parent_name = next((n for n, d in model_dirs.items() if d == parent_dir), None)
+            own = cycle_ratio(reference, timed[name])
+            result.update({'speedup_includes_runtime_change': True,
+                           'latency_ms_p50_fp32_onnx_reference': reference['latency_ms_p50'],
+                           'speedup_vs_fp32_onnx': own['ratio'], 'speedup_vs_fp32_onnx_iqr': own['iqr']})
+            if parent_name is not None:
+                runtime = cycle_ratio(timed[parent_name], reference)
+                result.update({'runtime_speedup_onnx_vs_pytorch': runtime['ratio'],
+                               'runtime_speedup_onnx_vs_pytorch_iqr': runtime['iqr']})
+        result.pop('cycle_seconds')
+        if result['latency_noisy']:
+            print(f'[latency] warning: {result["latency_warning"]}')
+        results[name] = result
+    return results
+
+
+def _latency_batch_for(tokenizer, data, settings) -> dict:
+    test = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir).test
+    return latency_batch(test, tokenizer, settings.latency_batch_size, settings.max_length)

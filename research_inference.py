@@ -17,12 +17,15 @@ load), and `compression_info.json` (written here only) names the format of a fol
 | hf_bnb4       | bitsandbytes NF4/FP4 packed weights                           | PyTorch, CUDA only   |
 """
 
+import hashlib
 import json
 import os
 import sys
+import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
+import torch
 
 from research_errors import UsageError
 from research_latency import onnxruntime_session_options
@@ -59,7 +62,6 @@ class CompressedClassifier:
 
     def to(self, device) -> 'CompressedClassifier':
         """Run on `device`. Only PyTorch models move; an ONNX model runs on the CPU with ONNX Runtime."""
-        import torch
         if torch.device(device).type != 'cpu':
             raise UsageError(f"This is an ONNX model ({self.info.get('weight_dtype', '')}); it runs on the CPU with "
                              f'ONNX Runtime, not on {device}. Load it without a device, or quantize with '
@@ -93,7 +95,6 @@ class TorchClassifier(CompressedClassifier):
 
     def to(self, device) -> 'TorchClassifier':
         """Move the model to `device` ('cpu', 'cuda', 'cuda:1', ...), keeping its stored precision."""
-        import torch
         if torch.device(device).type == 'cuda' and not torch.cuda.is_available():
             raise UsageError(f'--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False); '
                              'use the default CPU.')
@@ -103,7 +104,6 @@ class TorchClassifier(CompressedClassifier):
         return self
 
     def logits(self, batch: dict) -> np.ndarray:
-        import torch
         with torch.inference_mode():
             return self.model(**model_inputs(batch, self.device)).logits.float().cpu().numpy()
 
@@ -195,6 +195,52 @@ def set_threshold(model_dir: str, threshold: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# ONNX export (the int8/int4 formats start from it; evaluation times the fp32 export as a reference)
+# ---------------------------------------------------------------------------------------------
+
+ONNX_OPSET = 17
+
+
+def _array_key(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def export_to_onnx(model, tokenizer, onnx_path: str, max_length: int) -> Dict[str, str]:
+    """Export a PyTorch sequence classifier to ONNX (dynamic batch and sequence axes). Returns a map from
+    ONNX initializer name to PyTorch parameter name, found by matching values (a Linear weight is stored
+    transposed for MatMul), so sparsity can later be counted per layer from the saved file."""
+    import onnx
+    from onnx import numpy_helper
+    model = model.eval().cpu()
+    sample = tokenizer(['sample text'] * 2, padding='max_length', max_length=min(max_length, 16), truncation=True,
+                       return_tensors='pt')
+    names = ['input_ids', 'attention_mask'] + (['token_type_ids'] if 'token_type_ids' in sample else [])
+    axes = {name: {0: 'batch', 1: 'sequence'} for name in names}
+    axes['logits'] = {0: 'batch'}
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is the one that handles HF encoders without extra packages;
+        # its deprecation notice concerns the exporter, not the exported file.
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, tuple(sample[n] for n in names), onnx_path, input_names=names, output_names=['logits'],
+                          dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
+    by_value = {}
+    for name, param in model.state_dict().items():
+        if param.is_floating_point() and param.dim() >= 1:
+            array = param.detach().cpu().float().numpy()
+            by_value.setdefault(_array_key(array), name)
+            if array.ndim == 2:
+                by_value.setdefault(_array_key(array.T), name)
+    mapping = {}
+    for init in onnx.load(onnx_path).graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.dtype == np.float32 and array.size > 1:
+            key = _array_key(array)
+            if key in by_value:
+                mapping[init.name] = by_value[key]
+    return mapping
+
+
+# ---------------------------------------------------------------------------------------------
 # Formats: save(model_dir, model, tokenizer, info) and load(model_dir, info) -> CompressedClassifier
 # ---------------------------------------------------------------------------------------------
 
@@ -262,7 +308,6 @@ class BitsAndBytesClassifier(TorchClassifier):
 
     def to(self, device) -> 'BitsAndBytesClassifier':
         """Loaded on the current GPU already; 4-bit weights do not move, and never off the GPU."""
-        import torch
         if torch.device(device).type != 'cuda':
             raise UsageError('This model holds bitsandbytes 4-bit weights, which run only on a CUDA GPU.')
         return self

@@ -68,7 +68,8 @@ def measure_interleaved(timers: Dict[str, Callable[[], None]], rounds: int, warm
 
     Returns {stage: metrics}, plain JSON-ready values:
       latency_ms_mean, latency_ms_p50 (median), latency_ms_p95, latency_ms_p99, latency_ms_iqr (ms);
-      latency_spread = latency_ms_iqr / latency_ms_p50; latency_rounds (int);
+      latency_spread = latency_ms_iqr / latency_ms_p50; latency_rounds (int); cycle_seconds (the stage's
+        summed time per whole rotation cycle, for `cycle_ratio`);
       with `baseline`: speedup = median over rotation cycles of sum(baseline times) / sum(stage times)
         in that cycle (for one stage a cycle is one round); speedup_iqr (interquartile range of the cycle
         ratios), speedup_rel_spread = speedup_iqr / speedup, speedup_cycles (whole cycles used; rounds of
@@ -124,6 +125,7 @@ def measure_interleaved(timers: Dict[str, Callable[[], None]], rounds: int, warm
             'latency_ms_iqr': iqr,
             'latency_spread': iqr / p50 if p50 > 0 else float('inf'),
             'latency_rounds': int(done),
+            'cycle_seconds': cycle_sums[name].tolist(),   # for ratios against other stages (cycle_ratio)
         }
         problems = []
         if stage['latency_spread'] > noise_bound:
@@ -151,6 +153,14 @@ def measure_interleaved(timers: Dict[str, Callable[[], None]], rounds: int, warm
         ) if problems else None
         results[name] = stage
     return results
+
+
+def cycle_ratio(numerator: Dict, denominator: Dict) -> Dict[str, float]:
+    """Median and IQR over rotation cycles of numerator time / denominator time, for two stages of one
+    `measure_interleaved` call (e.g. the same model at fp32 and at int8 in one runtime)."""
+    ratios = np.asarray(numerator['cycle_seconds']) / np.maximum(np.asarray(denominator['cycle_seconds']), 1e-9)
+    median = float(np.median(ratios))
+    return {'ratio': median, 'iqr': _iqr(ratios), 'rel_spread': _iqr(ratios) / median if median > 0 else float('inf')}
 
 
 def make_timer(classifier, batch: dict) -> Callable[[], None]:

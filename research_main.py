@@ -16,7 +16,7 @@ from research_compression_config import (PIPELINE_CONFIGS, STAGES, parse_compres
                                          print_compression_config, requested_pipelines, save_config, stage_identity)
 from research_data import prepare_data
 from research_errors import UsageError
-from research_eval import add_relative_metrics, evaluate_stage
+from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side
 from research_report import (CONFIG_JSON, RUN_LOG, export_stage_models, final_stage_row, format_stage_table,
                              prepare_output_dir, run_log, summarize_runs, write_json_atomically, write_pipeline_results,
                              write_plots, write_summary)
@@ -53,15 +53,27 @@ def run_chain(store: StageStore, pipeline: str, data, settings, label: str) -> L
 
 
 def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> Dict[str, List[Dict]]:
-    """Every stage loaded back from disk and measured in this process (each distinct stage once), with its
-    compression ratio and speed-up against the baseline teacher of the same run."""
+    """Every distinct stage loaded back from disk and measured in this process: quality, size and weights one
+    by one, then the latency of all stages together in interleaved rounds, with the speed-up against the
+    baseline teacher of the same run; compression ratios against that teacher."""
     measured: Dict[str, Dict] = {}
-    for node in {n.key: n for chain in nodes.values() for n in chain}.values():
-        result = {'stage': STAGES[node.kind].name, **evaluate_stage(node.path, node.meta['linear_roles'], data, settings),
-                  **node.meta.get('report', {}), 'stage_key': node.key, 'reused': node.reused}
-        print(f'[eval] {result["stage"]}: macro-F1 {result["f1_macro"]:.4f}, {result["size_mb"]:.2f} MB on disk, '
-              f'p50 {result["latency_ms_p50"]:.2f} ms (batch {settings.latency_batch_size} x {settings.max_length} tokens)')
-        measured[node.key] = result
+    parents: Dict[str, str] = {}
+    for chain in nodes.values():
+        for parent, node in zip([None, *chain], chain):
+            parents[node.key] = parent.path if parent else None
+            if node.key not in measured:
+                measured[node.key] = {'stage': STAGES[node.kind].name,
+                                      **evaluate_stage(node.path, node.meta['linear_roles'], data, settings),
+                                      **node.meta.get('report', {}), 'stage_key': node.key, 'reused': node.reused}
+    for teacher_key in {chain[0].key for chain in nodes.values()}:
+        group = {n.key: n.path for chain in nodes.values() if chain[0].key == teacher_key for n in chain}
+        for key, latency in measure_side_by_side(group, teacher_key, data, settings, parents).items():
+            measured[key].update(latency)
+    for result in measured.values():
+        print(f'[eval] {result["stage"]}: macro-F1 {result["f1_macro"]:.4f}, {result["size_mb"]:.2f} MB on disk '
+              f'({result["size_mb_compressed"]:.2f} MB zipped), p50 {result["latency_ms_p50"]:.2f} ms, '
+              f'{result["speedup"]:.2f}x the teacher (batch {settings.latency_batch_size} x {settings.max_length} '
+              f'tokens, {settings.latency_threads} thread(s))' + (' [noisy]' if result['latency_noisy'] else ''))
     return {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
 
 

@@ -20,7 +20,6 @@ int8 measured fastest on our CPU; `torch.ao.quantization` is deprecated in torch
 
 import contextlib
 import copy
-import hashlib
 import logging
 import os
 import tempfile
@@ -33,11 +32,10 @@ import torch
 
 from research_data import batches_of, tokenized_splits
 from research_errors import MethodNotAvailable, UsageError
-from research_inference import ONNX_FILE, load_trainable_model, save_bnb4, save_hf, save_onnx
+from research_inference import ONNX_FILE, export_to_onnx, load_trainable_model, save_bnb4, save_hf, save_onnx
 from research_models import HEAD_MODULES
 from research_training import stage_info, train_classifier, training_pos_weight, trim_vocabulary_if_asked
 
-ONNX_OPSET = 17
 QUANT_DTYPES = ['int8', 'int4', 'nf4', 'fp4', 'fp16', 'bf16']
 # --quant_method -> the --quant_dtype values it accepts; the first is its default.
 METHOD_DTYPES = {
@@ -64,45 +62,6 @@ class QuantizationData:
 # ---------------------------------------------------------------------------------------------
 # ONNX export and ONNX Runtime helpers
 # ---------------------------------------------------------------------------------------------
-
-def _array_key(array: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
-
-
-def export_to_onnx(model, tokenizer, onnx_path: str, max_length: int) -> Dict[str, str]:
-    """Export a PyTorch sequence classifier to ONNX (dynamic batch and sequence axes). Returns a map from
-    ONNX initializer name to PyTorch parameter name, found by matching values (a Linear weight is stored
-    transposed for MatMul), so sparsity can later be counted per layer from the saved file."""
-    import onnx
-    from onnx import numpy_helper
-    model = model.eval().cpu()
-    sample = tokenizer(['sample text'] * 2, padding='max_length', max_length=min(max_length, 16), truncation=True,
-                       return_tensors='pt')
-    names = ['input_ids', 'attention_mask'] + (['token_type_ids'] if 'token_type_ids' in sample else [])
-    axes = {name: {0: 'batch', 1: 'sequence'} for name in names}
-    axes['logits'] = {0: 'batch'}
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter is the one that handles HF encoders without extra packages;
-        # its deprecation notice concerns the exporter, not the exported file.
-        warnings.simplefilter('ignore')
-        torch.onnx.export(model, tuple(sample[n] for n in names), onnx_path, input_names=names, output_names=['logits'],
-                          dynamic_axes=axes, opset_version=ONNX_OPSET, dynamo=False)
-    by_value = {}
-    for name, param in model.state_dict().items():
-        if param.is_floating_point() and param.dim() >= 1:
-            array = param.detach().cpu().float().numpy()
-            by_value.setdefault(_array_key(array), name)
-            if array.ndim == 2:
-                by_value.setdefault(_array_key(array.T), name)
-    mapping = {}
-    for init in onnx.load(onnx_path).graph.initializer:
-        array = numpy_helper.to_array(init)
-        if array.dtype == np.float32 and array.size > 1:
-            key = _array_key(array)
-            if key in by_value:
-                mapping[init.name] = by_value[key]
-    return mapping
-
 
 def linear_matmul_inputs(onnx_path: str, weight_names: Dict[str, str]) -> Dict[str, tuple]:
     """PyTorch Linear weight name -> (MatMul node name, name of its activation input) for every MatMul of

@@ -29,8 +29,9 @@ RESULTS_CSV = 'results_final.csv'
 CONFIG_JSON = 'config.json'
 RUN_LOG = 'run.log'
 
-SUMMARY_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'compression_ratio', 'params_nonzero',
-                   'sparsity_overall', 'latency_ms_p50', 'speedup', 'peak_memory_mb']
+SUMMARY_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'size_mb_compressed',
+                   'compression_ratio', 'compression_ratio_compressed', 'params_nonzero', 'sparsity_overall',
+                   'latency_ms_p50', 'speedup', 'speedup_iqr', 'peak_memory_mb']
 DELTA_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'latency_ms_p50']
 
 
@@ -101,9 +102,11 @@ def run_log(path: str):
 # ---------------------------------------------------------------------------------------------
 
 RESULT_COLUMNS = ['stage', 'f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro',
-                  'size_mb', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
-                  'latency_ms_mean', 'latency_ms_p50', 'latency_ms_p95', 'latency_ms_p99', 'throughput_samples_s',
-                  'peak_memory_mb', 'peak_memory_model_mb', 'compression_ratio', 'speedup', 'model_dir']
+                  'size_mb', 'size_mb_compressed', 'params_total', 'params_nonzero', 'sparsity_pruned_layers',
+                  'sparsity_overall', 'vocab_size', 'test_unknown_token_share', 'latency_ms_mean', 'latency_ms_p50',
+                  'latency_ms_p95', 'latency_ms_p99', 'latency_ms_iqr', 'throughput_samples_s', 'peak_memory_mb',
+                  'peak_memory_model_mb', 'compression_ratio', 'compression_ratio_compressed', 'speedup', 'speedup_iqr',
+                  'latency_noisy', 'speedup_vs_fp32_onnx', 'runtime_speedup_onnx_vs_pytorch', 'model_dir']
 
 
 def write_json_atomically(path: str, payload) -> None:
@@ -151,13 +154,30 @@ def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], no
 
 
 def format_stage_table(stages: List[Dict]) -> str:
+    """The stage table printed at the end of a run: quality, raw and zipped size, sparsity, latency and the
+    speed-up (median of interleaved rounds, ± its IQR); `!` marks a noisy timing, `*` a runtime change."""
     def fmt(value, spec):
         return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-    lines = [f'{"stage":<10} {"F1-macro":>9} {"size MB":>9} {"nonzero":>11} {"sparsity":>9} {"p50 ms":>8} {"x smaller":>9} {"x faster":>9}']
+    lines = [f'{"stage":<10} {"F1-macro":>9} {"size MB":>8} {"zip MB":>8} {"nonzero":>11} {"sparsity":>9} '
+             f'{"p50 ms":>8} {"x smaller":>9} {"x faster":>15}']
     for s in stages:
-        lines.append(f'{s["stage"]:<10} {fmt(s["f1_macro"], ".4f"):>9} {fmt(s["size_mb"], ".2f"):>9} {s["params_nonzero"]:>11,} '
+        faster = f'{fmt(s["speedup"], ".2f")} ± {fmt(s.get("speedup_iqr"), ".2f")}'
+        faster += ('!' if s.get('latency_noisy') else '') + ('*' if s.get('speedup_includes_runtime_change') else '')
+        lines.append(f'{s["stage"]:<10} {fmt(s["f1_macro"], ".4f"):>9} {fmt(s["size_mb"], ".2f"):>8} '
+                     f'{fmt(s.get("size_mb_compressed"), ".2f"):>8} {s["params_nonzero"]:>11,} '
                      f'{fmt(s["sparsity_overall"], ".1%"):>9} {fmt(s["latency_ms_p50"], ".2f"):>8} '
-                     f'{fmt(s["compression_ratio"], ".2f"):>9} {fmt(s["speedup"], ".2f"):>9}')
+                     f'{fmt(s["compression_ratio"], ".2f"):>9} {faster:>15}')
+    first = stages[0]
+    lines.append(f'x faster: median over interleaved rounds of the teacher/stage time ratio ± IQR; batch '
+                 f'{first.get("latency_batch_size")} x {first.get("latency_seq_len")} tokens, '
+                 f'{first.get("latency_threads")} intra-op thread(s) in every runtime.')
+    for s in stages:
+        if s.get('speedup_includes_runtime_change'):
+            lines.append(f'* {s["stage"]}: includes PyTorch -> ONNX Runtime; the same parent model in ONNX Runtime at '
+                         f'fp32 is {fmt(s.get("runtime_speedup_onnx_vs_pytorch"), ".2f")}x PyTorch, and this stage is '
+                         f'{fmt(s.get("speedup_vs_fp32_onnx"), ".2f")}x that fp32 ONNX model.')
+        if s.get('latency_noisy'):
+            lines.append(f'! {s["stage"]}: {s.get("latency_warning")}')
     return '\n'.join(lines)
 
 
@@ -201,12 +221,15 @@ def _cell(value, std=None, spec='.4f'):
 
 def summary_markdown(summary: pd.DataFrame, label_names: Sequence[str], split_note: str) -> str:
     columns = [('f1_macro', '.4f'), ('delta_f1_macro', '+.4f'), ('f1_weighted', '.4f'), ('f1_micro', '.4f'),
-               ('exact_match', '.4f'), ('size_mb', '.2f'), ('compression_ratio', '.2f'), ('params_nonzero', ',.0f'),
-               ('sparsity_overall', '.1%'), ('latency_ms_p50', '.2f'), ('speedup', '.2f'), ('peak_memory_mb', '.1f')]
+               ('exact_match', '.4f'), ('size_mb', '.2f'), ('size_mb_compressed', '.2f'), ('compression_ratio', '.2f'),
+               ('compression_ratio_compressed', '.2f'), ('params_nonzero', ',.0f'), ('sparsity_overall', '.1%'),
+               ('latency_ms_p50', '.2f'), ('speedup', '.2f'), ('speedup_iqr', '.2f'), ('peak_memory_mb', '.1f')]
     columns += [(f'f1_{label}', '.3f') for label in label_names]
     header = ['pipeline', 'runs'] + [c for c, _ in columns]
     lines = [f'Scored on {split_note}. Cells are mean ± std over runs where there are several; deltas are against '
-             '`baseline` (the teacher) of the same run.', '',
+             '`baseline` (the teacher) of the same run. `speedup` is the median over interleaved timing rounds of '
+             'the teacher/stage time ratio (`speedup_iqr` its interquartile range); `size_mb_compressed` is the '
+             'weight files zipped (DEFLATE).', '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for _, row in summary.iterrows():
         cells = [row['pipeline'], str(int(row['runs']))]
@@ -312,8 +335,8 @@ def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str
     lines += [f'- {k}: `{v}`' for k, v in settings.items() if v is not None]
     lines += ['', '## Metrics (test split)', '', '| metric | value |', '|---|---|']
     for key in ('f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro', 'size_mb',
-                'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall', 'latency_ms_p50',
-                'latency_ms_p95', 'compression_ratio', 'speedup'):
+                'size_mb_compressed', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
+                'vocab_size', 'latency_ms_p50', 'latency_ms_p95', 'compression_ratio', 'speedup', 'speedup_iqr'):
         value = result.get(key)
         lines.append(f'| {key} | {value:.4g} |' if isinstance(value, float) else f'| {key} | {value} |')
     lines += ['', '| label | precision | recall | F1 | ROC-AUC |', '|---|---|---|---|---|']

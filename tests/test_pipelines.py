@@ -149,3 +149,25 @@ def test_peak_memory_grows_with_the_weights_a_model_touches(tmp_path, tiny_teach
     del ballast
     assert 900 > measured['small']['peak_memory_mb'] > measured['small']['peak_memory_model_mb'] > 0
     assert measured['large']['peak_memory_model_mb'] - measured['small']['peak_memory_model_mb'] > 60
+
+
+def test_latency_is_measured_side_by_side_with_its_spread_and_runtime_split(pipeline_runs):
+    """Every stage carries the interleaved measurement (speed-up median and IQR, thread count, rounds); an
+    ONNX stage also separates the runtime's gain from the quantization's, and the parts multiply to the whole."""
+    stages = load_results(pipeline_runs['kd_prune_quant'])['stages']
+    for stage in stages:
+        assert stage['latency_threads'] == 1 and stage['latency_rounds'] >= 5 * len(stages)
+        assert stage['speedup'] > 0 and stage['speedup_iqr'] >= 0 and isinstance(stage['latency_noisy'], bool)
+    baseline, _, pruned, quant = stages
+    assert baseline['speedup'] == 1.0 and baseline['speedup_iqr'] == 0.0
+    assert quant['speedup_includes_runtime_change'] is True and 'speedup_includes_runtime_change' not in pruned
+    composed = pruned['speedup'] * quant['runtime_speedup_onnx_vs_pytorch'] * quant['speedup_vs_fp32_onnx']
+    assert composed == pytest.approx(quant['speedup'], rel=0.35)
+
+
+def test_compressed_size_shows_what_sparsity_buys_in_storage(pipeline_runs):
+    baseline, pruned = load_results(pipeline_runs['prune_only'])['stages']
+    assert baseline['size_mb_compressed'] > 0.85 * baseline['size_mb']        # dense weights barely compress
+    assert pruned['size_mb'] == pytest.approx(baseline['size_mb'], rel=0.01)   # zeros are still stored...
+    assert pruned['size_mb_compressed'] < 0.8 * baseline['size_mb_compressed']  # ...but they zip away
+    assert pruned['compression_ratio_compressed'] > 1.2
