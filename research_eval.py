@@ -3,7 +3,10 @@ evaluation of a stored stage, and the comparison of every stage against the base
 each metric; the results JSON/CSV, the ablation table and the model card all read these dictionaries.
 """
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
@@ -79,53 +82,48 @@ def latency_batch(dataset, tokenizer, batch_size: int, seq_len: int) -> dict:
     return tokenizer.pad(features, padding='max_length', max_length=seq_len, return_tensors='pt')
 
 
-# Run in a fresh interpreter by measure_peak_memory: the runtimes are imported first, then the model is
-# loaded and predicts one batch; the kernel's record of the process's peak resident memory is read at the end.
+# Run in a fresh interpreter: the runtimes are imported first, then research_inference.peak_memory_probe loads
+# the model, predicts one batch and reads the kernel's record of this process's own peak resident memory.
 _PEAK_MEMORY_CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import onnxruntime, torch, transformers
 import research_inference
-def status_kb(field):
-    with open('/proc/self/status') as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith(field + ':'))
-runtime_kb = status_kb('VmRSS')
-classifier = research_inference.load_compressed_model(sys.argv[2])
-batch = classifier.tokenizer([sys.argv[5]] * int(sys.argv[3]), padding='max_length', truncation=True,
-                             max_length=int(sys.argv[4]), return_tensors='pt')
-classifier.logits(dict(batch))
-# VmHWM belongs to this process's own memory map; ru_maxrss would start from the parent's RSS at fork.
-peak_kb = status_kb('VmHWM')
-result = {'peak_memory_mb': peak_kb / 1024, 'peak_memory_model_mb': (peak_kb - runtime_kb) / 1024}
-if torch.cuda.is_available():
-    result['peak_gpu_memory_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
-print('PEAK_MEMORY ' + json.dumps(result))
+print('PEAK_MEMORY ' + json.dumps(research_inference.peak_memory_probe(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                                                        sys.argv[5])))
 """
 
 
-def measure_peak_memory(model_dir: str, batch_size: int, seq_len: int, text: str) -> Dict:
-    """Peak memory of serving the saved model, measured where nothing else distorts it: a fresh Python
-    process imports the runtimes (PyTorch, transformers, ONNX Runtime), loads `model_dir` and predicts one
-    batch of `batch_size` copies of `text` padded to `seq_len` tokens. `peak_memory_mb` is that process's
-    peak resident memory (what a deployment sees), `peak_memory_model_mb` the part above the runtimes
-    alone; on CUDA `peak_gpu_memory_mb` is PyTorch's GPU allocator peak. Needs Linux (/proc); elsewhere,
-    or if the child fails, the fields are None and the reason is printed - never a guess."""
-    import json
-    import subprocess
-    import sys
+def measure_peak_memory(model_dirs: Sequence[str], batch_size: int, seq_len: int, text: str) -> Dict[str, Dict]:
+    """Peak memory of serving each saved model, measured where nothing else distorts it: a fresh Python
+    process per model imports the runtimes (PyTorch, transformers, ONNX Runtime), loads the folder and
+    predicts one batch of `batch_size` copies of `text` padded to `seq_len` tokens. `peak_memory_mb` is that
+    process's peak resident memory (what a deployment sees), `peak_memory_model_mb` the part above the
+    runtimes alone; on CUDA `peak_gpu_memory_mb` is PyTorch's GPU allocator peak. The processes run as many
+    at a time as there are cores (each measures only itself). Needs Linux (/proc); elsewhere, or if a child
+    fails, the fields are None and the reason is printed - never a guess."""
     empty = {'peak_memory_mb': None, 'peak_memory_model_mb': None}
     if not os.path.exists('/proc/self/status'):
         print('[eval] peak memory not measured: needs Linux (/proc)')
-        return empty
+        return {d: dict(empty) for d in model_dirs}
     here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, '-c', _PEAK_MEMORY_CHILD, here, model_dir, str(batch_size), str(seq_len), text],
-                          capture_output=True, text=True, timeout=1800)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith('PEAK_MEMORY ')), None)
-    if proc.returncode != 0 or line is None:
-        reason = (proc.stderr.strip().splitlines() or ['no output'])[-1]
-        print(f'[eval] peak memory of {model_dir} not measured: {reason}')
-        return empty
-    return json.loads(line[len('PEAK_MEMORY '):])
+    pending, running, results = list(model_dirs), {}, {}
+    while pending or running:
+        while pending and len(running) < (os.cpu_count() or 1):
+            model_dir = pending.pop(0)
+            running[model_dir] = subprocess.Popen(
+                [sys.executable, '-c', _PEAK_MEMORY_CHILD, here, model_dir, str(batch_size), str(seq_len), text],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        model_dir, child = next(iter(running.items()))
+        stdout, stderr = child.communicate(timeout=1800)
+        del running[model_dir]
+        line = next((l for l in stdout.splitlines() if l.startswith('PEAK_MEMORY ')), None)
+        if child.returncode != 0 or line is None:
+            print(f'[eval] peak memory of {model_dir} not measured: {(stderr.strip().splitlines() or ["no output"])[-1]}')
+            results[model_dir] = dict(empty)
+        else:
+            results[model_dir] = json.loads(line[len('PEAK_MEMORY '):])
+    return results
 
 
 def weight_statistics(classifier, pruned_layer_names: Sequence[str]) -> Dict:
@@ -170,20 +168,13 @@ def add_relative_metrics(stages: List[Dict]) -> List[Dict]:
 
 
 def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], data, settings) -> Dict:
-    """Every metric of one stored stage but its latency, measured on the model loaded back from disk (what is
-    reported is what was saved): quality on the test split, size, weights and sparsity, vocabulary, peak
-    memory. Latency is measured for all stages of a run together (`measure_side_by_side`)."""
+    """Every metric of one stored stage but its latency and peak memory, measured on the model loaded back
+    from disk (what is reported is what was saved): quality on the test split, size, weights and sparsity,
+    vocabulary. Latency is measured for all stages of a run together (`measure_side_by_side`), peak memory in
+    a fresh process per stage (`peak_memory_of_stages`)."""
     classifier = load_compressed_model(model_dir)
     test = tokenized_splits(data, classifier.tokenizer, settings.max_length, settings.cache_dir).test
     result = {}
-    if settings.measure_peak_memory:
-        result.update(measure_peak_memory(model_dir, settings.latency_batch_size, settings.max_length,
-                                          data.texts[int(data.test_idx[0])]))
-        result['peak_memory_scope'] = (f'fresh process: runtimes imported, model loaded, one batch of '
-                                       f'{settings.latency_batch_size} x {settings.max_length} tokens predicted')
-    else:
-        result.update({'peak_memory_mb': None, 'peak_memory_model_mb': None,
-                       'peak_memory_scope': 'not measured (--no_peak_memory)'})
     result.update(evaluate_saved_model(classifier, model_dir, test, weight_names_in_group(linear_roles, settings.prune_layers),
                                        settings.threshold))
     result.update(vocabulary_statistics(classifier.tokenizer, [data.texts[i] for i in data.test_idx], settings.max_length))
@@ -266,3 +257,15 @@ def measure_side_by_side(model_dirs: Dict[str, str], baseline: str, data, settin
 def _latency_batch_for(tokenizer, data, settings) -> dict:
     test = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir).test
     return latency_batch(test, tokenizer, settings.latency_batch_size, settings.max_length)
+
+
+def peak_memory_of_stages(model_dirs: Dict[str, str], data, settings) -> Dict[str, Dict]:
+    """Peak memory of every stage ({name: folder}), or the reason it was not measured (--no_peak_memory)."""
+    if not settings.measure_peak_memory:
+        return {name: {'peak_memory_mb': None, 'peak_memory_model_mb': None,
+                       'peak_memory_scope': 'not measured (--no_peak_memory)'} for name in model_dirs}
+    scope = (f'fresh process: runtimes imported, model loaded, one batch of {settings.latency_batch_size} x '
+             f'{settings.max_length} tokens predicted')
+    measured = measure_peak_memory(list(model_dirs.values()), settings.latency_batch_size, settings.max_length,
+                                   data.texts[int(data.test_idx[0])])
+    return {name: {**measured[folder], 'peak_memory_scope': scope} for name, folder in model_dirs.items()}

@@ -371,6 +371,25 @@ def load_trainable_model(path: str):
     return classifier.model, classifier.tokenizer
 
 
+def peak_memory_probe(model_dir: str, batch_size: int, seq_len: int, text: str) -> Dict:
+    """Run in a process that has imported the runtimes and nothing else (research_eval.measure_peak_memory):
+    load the saved model, predict one batch, and return the process's peak resident memory (VmHWM, the
+    kernel's record of this process's own memory map) and the part above what the process held before."""
+    def status_kb(field):
+        with open('/proc/self/status') as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(field + ':'))
+    runtime_kb = status_kb('VmRSS')
+    classifier = load_compressed_model(model_dir)
+    batch = classifier.tokenizer([text] * batch_size, padding='max_length', truncation=True, max_length=seq_len,
+                                 return_tensors='pt')
+    classifier.logits(dict(batch))
+    peak_kb = status_kb('VmHWM')
+    result = {'peak_memory_mb': peak_kb / 1024, 'peak_memory_model_mb': (peak_kb - runtime_kb) / 1024}
+    if torch.cuda.is_available():
+        result['peak_gpu_memory_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return result
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     device = None

@@ -16,7 +16,7 @@ from research_compression_config import (PIPELINE_CONFIGS, STAGES, parse_compres
                                          print_compression_config, requested_pipelines, save_config, stage_identity)
 from research_data import prepare_data
 from research_errors import UsageError
-from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side
+from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, peak_memory_of_stages
 from research_report import (CONFIG_JSON, RUN_LOG, export_stage_models, final_stage_row, format_stage_table,
                              prepare_output_dir, run_log, summarize_runs, write_json_atomically, write_pipeline_results,
                              write_plots, write_summary)
@@ -53,9 +53,9 @@ def run_chain(store: StageStore, pipeline: str, data, settings, label: str) -> L
 
 
 def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> Dict[str, List[Dict]]:
-    """Every distinct stage loaded back from disk and measured in this process: quality, size and weights one
-    by one, then the latency of all stages together in interleaved rounds, with the speed-up against the
-    baseline teacher of the same run; compression ratios against that teacher."""
+    """Every distinct stage loaded back from disk and measured: quality, size and weights one by one, peak
+    memory in a fresh process per stage, then the latency of all stages together in interleaved rounds in this
+    process, with the speed-up against the baseline teacher of the same run; compression ratios against it."""
     measured: Dict[str, Dict] = {}
     parents: Dict[str, str] = {}
     for chain in nodes.values():
@@ -65,6 +65,9 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
                 measured[node.key] = {'stage': STAGES[node.kind].name,
                                       **evaluate_stage(node.path, node.meta['linear_roles'], data, settings),
                                       **node.meta.get('report', {}), 'stage_key': node.key, 'reused': node.reused}
+    paths = {node.key: node.path for chain in nodes.values() for node in chain}
+    for key, peak in peak_memory_of_stages(paths, data, settings).items():
+        measured[key].update(peak)
     for teacher_key in {chain[0].key for chain in nodes.values()}:
         group = {n.key: n.path for chain in nodes.values() if chain[0].key == teacher_key for n in chain}
         for key, latency in measure_side_by_side(group, teacher_key, data, settings, parents).items():

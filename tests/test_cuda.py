@@ -47,7 +47,7 @@ def test_bitsandbytes_4bit_is_packed_smaller_and_reloads(setup, dtype):
     fp32_count = sum(a.size for a in setup['fp32'].parameter_arrays().values())
     assert sum(a.size for a in loaded.parameter_arrays().values()) == fp32_count
     from research_eval import measure_peak_memory
-    memory = measure_peak_memory(model_dir, 1, 32, PROBE_TEXTS[0])
+    memory = measure_peak_memory([model_dir], 1, 32, PROBE_TEXTS[0])[model_dir]
     assert memory['peak_gpu_memory_mb'] > 0 and memory['peak_memory_mb'] > memory['peak_memory_model_mb'] > 0
     again = load_compressed_model(model_dir)
     np.testing.assert_allclose(probabilities(loaded), probabilities(again), atol=1e-6)

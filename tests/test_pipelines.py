@@ -145,7 +145,7 @@ def test_peak_memory_grows_with_the_weights_a_model_touches(tmp_path, tiny_teach
     for name, ffn in (('small', 37), ('large', 60000)):   # 60000-wide FFN: 2 x 4 layers x 96 x 60000 x 4 B = 184 MB
         config = AutoConfig.from_pretrained(tiny_teacher_dir, num_labels=len(LABELS), intermediate_size=ffn)
         save_hf(str(tmp_path / name), AutoModelForSequenceClassification.from_config(config), tokenizer, info)
-        measured[name] = measure_peak_memory(str(tmp_path / name), 1, 32, 'তুই একটা বেয়াদব')
+        measured[name] = measure_peak_memory([str(tmp_path / name)], 1, 32, 'তুই একটা বেয়াদব')[str(tmp_path / name)]
     del ballast
     assert 900 > measured['small']['peak_memory_mb'] > measured['small']['peak_memory_model_mb'] > 0
     assert measured['large']['peak_memory_model_mb'] - measured['small']['peak_memory_model_mb'] > 60
