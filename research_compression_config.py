@@ -288,6 +288,13 @@ def build_argument_parser() -> argparse.ArgumentParser:
            help='Keep every stage model (otherwise only the final one is kept).')
     option(output, '--overwrite_output_dir', action='store_true',
            help='Allow writing into a non-empty folder that does not hold an earlier run of this tool.')
+    option(output, '--report_to', type=_comma_list, default='none',
+           help="Also send the training logs (loss, learning rate, validation metrics and, while distilling, each "
+                'weighted KD term: kd_labels, kd_logit, kd_hidden, kd_attention) to these Trainer integrations, '
+                "comma-separated: tensorboard, wandb, mlflow, ... ('all': every installed one). Each stage's logs "
+                "go to <output_dir>/logs/<stage>-<key>/ (view with: tensorboard --logdir <output_dir>/logs) under "
+                'the run name <output folder name>/<stage>-<key>. An integration that is not installed is refused '
+                'before any training, with the pip line that installs it.')
     return parser
 
 

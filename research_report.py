@@ -11,13 +11,17 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import datasets
+import huggingface_hub.utils as hub_utils
 import numpy as np
 import pandas as pd
+from transformers.utils import logging as transformers_logging
 
 from research_compression_config import PIPELINE_CONFIGS, STAGE_IDENTITY, TOOL_MARKER
 from research_errors import UsageError
@@ -64,21 +68,96 @@ def prepare_output_dir(args) -> None:
     os.makedirs(out, exist_ok=True)
 
 
-class TeeToLog:
-    """Everything the run prints also goes to <output_dir>/run.log (progress-bar redraws excepted)."""
+# What a terminal interprets in a printed stream: escape sequences (CSI: colours, cursor moves, erasing; OSC:
+# titles, links; two-byte escapes), carriage returns and newlines.
+TERMINAL_CONTROL = re.compile(r'(\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]|\r|\n)')
 
-    def __init__(self, stream, log):
-        self.stream, self.log = stream, log
+
+class TerminalLines:
+    """Replays printed text as a terminal shows it (carriage returns, cursor up/down, erase line; colours
+    dropped) and writes each line to `log` in its final state, once the cursor can no longer come back to it:
+    a progress bar redrawn a thousand times is one line, a cleared one none."""
+
+    LIVE_ROWS = 4   # how far up a redraw may reach (nested progress bars move up a row or two)
+
+    def __init__(self, log):
+        self.log = log
+        self.rows, self.redrawn = [''], [False]
+        self.row = self.col = 0
+
+    def feed(self, text: str) -> None:
+        for piece in TERMINAL_CONTROL.split(text):
+            if piece == '\n':
+                self.move_to(self.row + 1)
+                self.col = 0
+            elif piece == '\r':
+                self.col = 0
+                self.redrawn[self.row] = True
+            elif piece.startswith('\x1b'):
+                self.escape(piece)
+            elif piece:
+                line = self.rows[self.row].ljust(self.col)
+                self.rows[self.row] = line[:self.col] + piece + line[self.col + len(piece):]
+                self.col += len(piece)
+        self.commit(self.row - self.LIVE_ROWS)
+
+    def move_to(self, row: int) -> None:
+        while row >= len(self.rows):
+            self.rows.append('')
+            self.redrawn.append(False)
+        self.row = max(row, 0)
+
+    def escape(self, code: str) -> None:
+        """Cursor up (A), down (B), to a column (G) and erase in line (K); anything else (colours) is dropped."""
+        if not code.startswith('\x1b[') or code[-1] not in 'ABGK':
+            return
+        count = int(code[2:-1]) if code[2:-1].isdigit() else None
+        if code[-1] in 'AB':
+            self.move_to(self.row + (count or 1) * (-1 if code[-1] == 'A' else 1))
+        elif code[-1] == 'G':
+            self.col = (count or 1) - 1
+        else:
+            line = self.rows[self.row]
+            self.rows[self.row] = {None: line[:self.col], 0: line[:self.col], 1: ' ' * self.col + line[self.col:]}.get(count, '')
+        self.redrawn[self.row] = True
+
+    def commit(self, end: int) -> None:
+        """Write the rows above `end`; a row that a redraw left blank is no line."""
+        end = min(end, len(self.rows))
+        for line, redrawn in zip(self.rows[:max(end, 0)], self.redrawn):
+            if not redrawn:
+                self.log.write(line + '\n')
+            elif line.strip():
+                self.log.write(line.rstrip() + '\n')
+        if end > 0:
+            del self.rows[:end], self.redrawn[:end]
+            self.row -= end
+
+    def close(self) -> None:
+        """Everything left, except the empty row the cursor waits on after the last newline."""
+        if self.rows[-1] == '':
+            self.rows.pop()
+            self.redrawn.pop()
+        self.commit(len(self.rows))
+        self.rows, self.redrawn, self.row, self.col = [''], [False], 0, 0
+        self.log.flush()
+
+
+class TeeToLog:
+    """A stream that also feeds what it prints to the run log's terminal replay (stdout and stderr share one,
+    as they share a terminal)."""
+
+    def __init__(self, stream, screen: TerminalLines):
+        self.stream, self.screen = stream, screen
 
     def write(self, text):
         self.stream.write(text)
-        if '\r' not in text or '\n' in text.replace('\r', ''):
-            self.log.write(text.replace('\r', ''))
+        self.screen.feed(text)
         return len(text)
 
     def flush(self):
         self.stream.flush()
-        self.log.flush()
+        self.screen.log.flush()
 
     def __getattr__(self, name):   # isatty, encoding, fileno...: the terminal's
         return getattr(self.stream, name)
@@ -86,14 +165,29 @@ class TeeToLog:
 
 @contextlib.contextmanager
 def run_log(path: str):
-    """Tee stdout and stderr into `path` (appended), restoring both afterwards."""
+    """Tee stdout and stderr into `path` (appended) as a terminal finally shows them, restoring both afterwards."""
     saved = sys.stdout, sys.stderr
     with open(path, 'a', encoding='utf-8') as log:
-        sys.stdout, sys.stderr = TeeToLog(sys.stdout, log), TeeToLog(sys.stderr, log)
+        screen = TerminalLines(log)
+        sys.stdout, sys.stderr = TeeToLog(sys.stdout, screen), TeeToLog(sys.stderr, screen)
         try:
             yield
         finally:
             sys.stdout, sys.stderr = saved
+            screen.close()
+
+
+def show_progress_bars(enabled: bool) -> None:
+    """--progress_bars / --no_progress_bars for every library that draws bars: the Trainer's (through
+    TrainingArguments.disable_tqdm), transformers' loading and saving, datasets' map, the hub's downloads."""
+    if enabled:
+        transformers_logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+        hub_utils.enable_progress_bars()
+    else:
+        transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        hub_utils.disable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +468,7 @@ def aggregate_runs(paths: Sequence[str]) -> Tuple[pd.DataFrame, List[str]]:
     if not rows:
         raise SystemExit('error: no results_final.json found under the given paths.')
     ignore = {'output_dir', 'overwrite_output_dir', 'tool', 'ablation_pipelines', 'run_ablation', 'save_all_stages',
-              'pipelines'}
+              'pipelines', 'report_to', 'progress_bars'}
     keys = sorted({k for c in configs for k in c} - ignore)
     varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
     frame = pd.DataFrame(rows)
