@@ -295,6 +295,17 @@ def build_argument_parser() -> argparse.ArgumentParser:
                 "go to <output_dir>/logs/<stage>-<key>/ (view with: tensorboard --logdir <output_dir>/logs) under "
                 'the run name <output folder name>/<stage>-<key>. An integration that is not installed is refused '
                 'before any training, with the pip line that installs it.')
+
+    card = parser.add_argument_group('model card (Hugging Face metadata of every saved stage\'s README.md)')
+    option(card, '--language', type=_comma_list, default='bn',
+           help='Language code(s) of the texts, comma-separated (ISO 639-1, e.g. bn or bn,en).')
+    option(card, '--model_license', type=str, default='unknown',
+           help="License id of the saved models (e.g. apache-2.0, mit, cc-by-nc-sa-4.0). A compressed model inherits "
+                'the terms of its teacher and training data, which this tool cannot know (all-MiniLM-L6-v2 is '
+                "apache-2.0; see your teacher's own model card): set it before publishing.")
+    option(card, '--hub_dataset_id', type=str, default=None,
+           help='Hugging Face dataset id of --dataset_path, recorded as the card\'s dataset (otherwise the card names '
+                'the CSV file and no hub dataset).')
     return parser
 
 

