@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, ProgressCallback, Trainer, TrainingArguments
 from transformers.integrations import INTEGRATION_TO_CALLBACK, TensorBoardCallback, get_available_reporting_integrations
+from transformers.utils import logging as transformers_logging
 
 from research_data import positive_class_weights, tokenized_splits
 from research_errors import UsageError
@@ -48,11 +49,22 @@ class MultiLabelTrainer(Trainer):
 
 
 class TrainingProgressCallback(ProgressCallback):
-    """The Trainer's progress bar for the training steps only. Its second bar for each validation pass is nested
-    under the first with cursor-up codes, which notebook outputs and log files cannot replay (debris lines)."""
+    """The Trainer's progress bar for the training steps only. A second bar while it runs (one per validation
+    pass, transformers' own while a checkpoint is written) is nested under it with cursor-up codes, which
+    notebook outputs and log files cannot replay: those bars are left out."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.weight_bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        super().on_train_begin(args, state, control, **kwargs)
 
     def on_prediction_step(self, args, state, control, **kwargs):
         pass
+
+    def on_train_end(self, args, state, control, **kwargs):
+        super().on_train_end(args, state, control, **kwargs)
+        if self.weight_bars:
+            transformers_logging.enable_progress_bar()
 
 
 def make_validation_metrics(label_names: Sequence[str], threshold: float):

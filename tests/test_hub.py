@@ -97,6 +97,10 @@ def test_run_log_holds_the_final_state_of_progress_bars_and_no_control_codes(hub
     assert "'kd_logit'" in log and '[done]' in log
     bars = [line for line in log.splitlines() if '%|' in line]
     assert bars and all(re.search(r'\d+%\|', line) for line in bars)
+    # while the training bar runs, no bar is nested under it (validation passes, checkpoint writing)
+    for start in ('[kd] multi_level', '[prune] magnitude'):
+        training = log[log.index(start):log.index('[train] best', log.index(start))]
+        assert 'Writing model shards' not in training and not re.search(r'\n\s*100%\|[^\n]*\| [12]/[12] ', training)
 
 
 def test_run_log_replays_what_a_terminal_finally_shows(tmp_path):
