@@ -90,7 +90,7 @@ def load_labeled_csv(path: str, text_column: str, label_columns: Sequence[str]) 
         values = pd.to_numeric(frame[column], errors='coerce')
         bad = frame[column][values.isna() | ~values.isin([0, 1])]
         if len(bad):
-            examples = ', '.join(repr(v) for v in bad.unique()[:5])
+            examples = ', '.join(repr(v.item() if isinstance(v, np.generic) else v) for v in bad.unique()[:5])
             raise UsageError(f"Label column '{column}' must hold only 0 and 1, but {len(bad)} row(s) hold other values "
                              f'(e.g. {examples}). Fix or drop those rows, or choose other --label_columns.')
         frame[column] = values.astype(np.int64)
