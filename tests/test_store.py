@@ -474,3 +474,17 @@ def test_two_concurrent_runs_of_a_sweep_train_the_shared_teacher_once(tmp_path, 
     assert len({e['key'] for e in students}) == 2 and not any(e['reused'] for e in students)
     for alpha in ('0.3', '0.9'):
         assert final_metrics(tmp_path / f'alpha_{alpha}')[0][0] == 'baseline'
+
+
+def test_readme_and_help_name_every_output_the_archive_moves():
+    from research_compression_config import TOOL_OUTPUTS, build_argument_parser
+    from research_report import CONFIG_JSON, RESULTS_CSV, RESULTS_JSON, RUN_LOG, STAGE_LOG
+    assert {CONFIG_JSON, RESULTS_CSV, RESULTS_JSON, RUN_LOG, STAGE_LOG} <= set(TOOL_OUTPUTS)
+    readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+    section = readme[readme.index('## The output folder'):readme.index('## The stage store')]
+    help_text = ' '.join(build_argument_parser().format_help().split())
+    for name in TOOL_OUTPUTS:
+        assert f'`{name}`' in section or f'`{name}/`' in section, name
+        assert name in help_text, name
+    for flag in ('--cache_report', '--cache_prune_older_than', '--overwrite_output_dir'):
+        assert flag in readme and flag in help_text
