@@ -55,15 +55,14 @@ def is_tool_output(name: str) -> bool:
 
 def holds_earlier_run(output_dir: str) -> bool:
     """Its config.json says this tool wrote it, or everything in it is the tool's (a run interrupted before
-    config.json was written, or an archive that was interrupted)."""
+    config.json was written, an archive that was interrupted, or only previous_runs/ left)."""
     try:
         with open(os.path.join(output_dir, CONFIG_JSON), encoding='utf-8') as fh:
             if json.load(fh).get('tool') == TOOL_MARKER:
                 return True
     except (OSError, ValueError, AttributeError):
         pass
-    names = [n for n in os.listdir(output_dir) if n != ARCHIVE_DIR]
-    return bool(names) and all(is_tool_output(n) for n in names)
+    return all(is_tool_output(n) for n in os.listdir(output_dir) if n != ARCHIVE_DIR)
 
 
 def prepare_output_dir(args) -> None:

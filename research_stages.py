@@ -10,7 +10,7 @@ A store you can trust:
 - the completion record (`STAGE_COMPLETE`, JSON) holds the sha256 of every file of the stage, written when
   it completes; a stage is verified before each reuse, and one that fails (a file changed, truncated or
   missing) is discarded with one line saying which file, and rebuilt;
-- one lock per stage (`<kind>-<key>.lock`, a `filelock` lock holding the owner's pid and host): a run that
+- one lock per stage (`.locks/<kind>-<key>.lock`, a `filelock` lock holding the owner's pid and host): a run that
   needs a stage another run is producing waits for it and then reuses it; the kernel releases the lock of
   a process that dies, and a lock whose recorded owner is a dead process of this host is taken over;
 - a stage folder without a completion record and without a live lock is the leftover of an interrupted
@@ -40,7 +40,7 @@ COMPLETE_MARKER = 'STAGE_COMPLETE'
 STAGE_FORMAT = 3  # bump when what a stored stage holds or how it is keyed changes, so older stores are not misread
 META_FILE = 'stage_meta.json'
 WORK_DIR = 'work'  # scratch space of a stage being produced (Trainer checkpoints), removed on completion
-LOCK_SUFFIX = '.lock'
+LOCK_FOLDER = '.locks'   # <root>/.locks/<kind>-<key>.lock: beside, never inside, the stage folders
 STORE_FOLDER = 'stages'   # the store's folder inside --cache_dir
 STAGE_FOLDER = re.compile(r'^(?P<kind>[a-z_]+)-(?P<key>[0-9a-f]{16})$')
 
@@ -159,11 +159,15 @@ class StageStore:
     def path(self, kind: str, key: str) -> str:
         return os.path.join(self.root, f'{kind}-{key}')
 
+    def lock(self, kind: str, key: str) -> StageLock:
+        """The stage's lock (its file is created on first use and left in place: a few bytes)."""
+        os.makedirs(os.path.join(self.root, LOCK_FOLDER), exist_ok=True)
+        return StageLock(os.path.join(self.root, LOCK_FOLDER, f'{kind}-{key}.lock'), f'{kind}-{key}')
+
     @contextlib.contextmanager
     def locked(self, kind: str, key: str) -> Iterator[None]:
         """Hold the stage's lock (waiting while another run holds it)."""
-        os.makedirs(self.root, exist_ok=True)
-        lock = StageLock(self.path(kind, key) + LOCK_SUFFIX, f'{kind}-{key}')
+        lock = self.lock(kind, key)
         lock.acquire()
         try:
             yield
@@ -290,7 +294,7 @@ class StageStore:
             kind, key = STAGE_FOLDER.match(name).group('kind', 'key')
             if self.completion_record(kind, key) is not None:
                 continue
-            lock = StageLock(self.path(kind, key) + LOCK_SUFFIX, name)
+            lock = self.lock(kind, key)
             if not lock.try_acquire():          # being produced by a live run
                 continue
             try:
@@ -310,8 +314,7 @@ class StageStore:
             kind, key = STAGE_FOLDER.match(name).group('kind', 'key')
             path = self.path(kind, key)
             record = self.completion_record(kind, key)
-            lock_path = path + LOCK_SUFFIX
-            owner = read_lock_owner(lock_path)
+            owner = read_lock_owner(os.path.join(self.root, LOCK_FOLDER, f'{name}.lock'))
             if record is not None:
                 state = 'stored'
             elif owner and not owner_is_dead(owner):
@@ -333,7 +336,7 @@ class StageStore:
         for row in self.stored_stages():
             if row['state'] != 'stored' or (row['last_used'] or 0) > cutoff:
                 continue
-            lock = StageLock(row['path'] + LOCK_SUFFIX, f"{row['kind']}-{row['key']}")
+            lock = self.lock(row['kind'], row['key'])
             if not lock.try_acquire():
                 continue
             try:

@@ -22,7 +22,11 @@ PRODUCER = '''
 import os, sys, time
 sys.path.insert(0, {root!r})
 from research_stages import StageStore
-root, count, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+root, count, seconds, together = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+# start together (after the slow imports), so that the others find the stage being produced
+open(f'{{count}}.ready-{{os.getpid()}}', 'w').close()
+while len([n for n in os.listdir(os.path.dirname(count)) if '.ready-' in n]) < together:
+    time.sleep(0.05)
 
 def produce(folder):
     with open(count, 'a') as fh:
@@ -37,9 +41,10 @@ print('META', node.meta['made_by'], node.reused, flush=True)
 '''
 
 
-def spawn_producer(root, count, seconds):
+def spawn_producer(root, count, seconds, together=1):
     env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
-    return subprocess.Popen([sys.executable, '-c', PRODUCER.format(root=ROOT), str(root), str(count), str(seconds)],
+    return subprocess.Popen([sys.executable, '-c', PRODUCER.format(root=ROOT), str(root), str(count), str(seconds),
+                             str(together)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -141,7 +146,7 @@ def test_exported_files_never_share_an_inode_with_the_store(tmp_path):
 
 def test_concurrent_processes_produce_a_shared_stage_once_and_wait_for_it(tmp_path):
     root, count = tmp_path / 'stages', tmp_path / 'count'
-    procs = [spawn_producer(root, count, 2.0) for _ in range(3)]
+    procs = [spawn_producer(root, count, 2.0, together=3) for _ in range(3)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert len(open(count).read().split()) == 1                          # produced once
@@ -154,7 +159,7 @@ def test_concurrent_processes_produce_a_shared_stage_once_and_wait_for_it(tmp_pa
 def test_the_lock_of_a_killed_run_is_free_and_its_half_written_stage_is_rebuilt(tmp_path, capsys):
     root, count = tmp_path / 'stages', tmp_path / 'count'
     proc = spawn_producer(root, count, 120)
-    lock_file = str(root / f'teacher-{"ab" * 8}.lock')
+    lock_file = str(root / '.locks' / f'teacher-{"ab" * 8}.lock')
     deadline = time.time() + 60
     while not (os.path.exists(count) and os.path.getsize(count)):        # it is producing
         assert time.time() < deadline and proc.poll() is None
@@ -202,15 +207,15 @@ def test_leftovers_of_dead_runs_are_removed_those_of_live_runs_kept(tmp_path):
     store = StageStore(str(root))
     os.makedirs(root / f'kd-{"01" * 8}' / 'work' / 'checkpoint-5')          # half-written, no lock held
     os.makedirs(root / f'prune-{"02" * 8}')                                  # half-written, lock held by a live run
-    live = StageLock(str(root / f'prune-{"02" * 8}.lock'), 'prune')
+    live = store.lock('prune', '02' * 8)
     host = socket.gethostname()
     dead = f'x.tmp-{host}-{dead_pid()}'
     open(root / dead, 'w').close()
     open(root / f'y.tmp-{host}-{os.getpid()}', 'w').close()
     proc = subprocess.Popen([sys.executable, '-c', f'''
 import sys; sys.path.insert(0, {ROOT!r})
-from research_stages import StageLock
-lock = StageLock({str(root / f"prune-{'02' * 8}.lock")!r}, 'prune'); assert lock.try_acquire()
+from research_stages import StageStore
+lock = StageStore({str(root)!r}).lock('prune', {'02' * 8!r}); assert lock.try_acquire()
 print('held', flush=True); sys.stdin.read()
 '''], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
