@@ -314,3 +314,22 @@ def test_model_folder_without_weights_exits_2(tmp_path, capsys, tiny_teacher_dir
             os.remove(folder / name)
     code, err = run_and_capture(capsys, args_for(tmp_path, str(folder)))
     assert code == 2 and 'needs config.json, the weights' in err
+
+
+@pytest.mark.parametrize('split', ['training', 'validation', 'test'])
+def test_a_label_without_a_positive_in_a_split_is_refused_by_name(split):
+    import numpy as np
+    from research_data import check_label_coverage
+    from research_errors import UsageError
+    labels = np.zeros((30, 2), dtype=np.float32)
+    labels[::2, 0] = 1
+    splits = {'training': np.arange(0, 20), 'validation': np.arange(20, 25), 'test': np.arange(25, 30)}
+    labels[:, 1] = 0
+    for name, idx in splits.items():
+        if name != split:
+            labels[idx[0], 1] = 1                        # 'threat' positive everywhere but in `split`
+    with pytest.raises(UsageError) as exc:
+        check_label_coverage(labels, ['bully', 'threat'], splits, fold=0, num_folds=5)
+    message = str(exc.value)
+    assert f'The {split} split (test fold 0 of 5' in message and 'label(s) threat' in message
+    assert 'drop the label from --label_columns' in message and '--num_folds' in message and '--data_fraction' in message
