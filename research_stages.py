@@ -126,8 +126,10 @@ class StageLock:
         self._write_owner({**owner_record(), 'since': time.time(), 'stage': self.label})
 
     def release(self) -> None:
-        self._write_owner(None)
-        self.lock.release()
+        try:
+            self._write_owner(None)
+        finally:
+            self.lock.release()
 
     def _write_owner(self, record: Optional[Dict]) -> None:
         with open(self.path, 'r+' if os.path.exists(self.path) else 'w', encoding='utf-8') as fh:
