@@ -20,6 +20,7 @@ import research_quantization
 import research_training
 from research_data import load_labeled_csv
 from research_errors import UsageError
+from research_files import folder_problem
 from research_kd import KD_METHODS
 from research_models import PRUNE_LAYER_GROUPS, folder_fingerprint
 from research_pruning import PRUNE_METHODS, PRUNE_SCHEDULES
@@ -27,6 +28,11 @@ from research_quantization import QUANT_DTYPES, QUANT_METHODS, resolve_quant_dty
 
 LABEL_COLUMNS = ['bully', 'sexual', 'religious', 'threat', 'spam']
 TOOL_MARKER = 'research_compression'   # config.json of a run of this tool says so (the archive relies on it)
+# Everything a run writes at the top of --output_dir, and nothing else: the archive of an earlier run moves
+# these names only, and --overwrite_output_dir replaces these names only (research_report obeys this list).
+TOOL_OUTPUTS = ('config.json', 'run.log', 'results_final.json', 'results_final.csv', 'stage_log.json', 'stages', 'runs',
+                'pipelines', 'ablation_summary.csv', 'ablation_summary.md', 'f1_vs_size.png', 'f1_vs_latency.png',
+                'per_label_f1.png')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +144,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter)
     trained = TRAINED_STAGES
 
-    required = parser.add_argument_group('required')
-    option(required, '--dataset_path', type=str, required=True, help='CSV file with a text column and 0/1 label columns.')
-    option(required, '--author_name', type=str, required=True, help='Recorded in the results and the model card.')
+    required = parser.add_argument_group('required (except with --cache_report or --cache_prune_older_than)')
+    option(required, '--dataset_path', type=str, help='CSV file with a text column and 0/1 label columns.')
+    option(required, '--author_name', type=str, help='Recorded in the results and the model card.')
 
     pipe = parser.add_argument_group('pipeline')
     option(pipe, '--pipeline', type=str, default='baseline',
@@ -305,7 +311,11 @@ def build_argument_parser() -> argparse.ArgumentParser:
     option(output, '--save_all_stages', action='store_true',
            help='Keep every stage model (otherwise only the final one is kept).')
     option(output, '--overwrite_output_dir', action='store_true',
-           help='Allow writing into a non-empty folder that does not hold an earlier run of this tool.')
+           help='Write into a non-empty folder that does not hold an earlier run of this tool (without it such a '
+                'folder is refused). Only the names this tool writes (' + ', '.join(TOOL_OUTPUTS) + ') are moved '
+                'out of the way, to previous_runs/<time>/ (never deleted, a symbolic link moved as a link); every '
+                'other entry is left alone. A folder that holds an earlier run needs no flag: its files of those '
+                'names are moved the same way.')
     option(output, '--report_to', type=_comma_list, default='none',
            help="Also send the training logs (loss, learning rate, validation metrics and, while distilling, each "
                 'weighted KD term: kd_labels, kd_logit, kd_hidden, kd_attention) to these Trainer integrations, '
@@ -324,6 +334,14 @@ def build_argument_parser() -> argparse.ArgumentParser:
     option(card, '--hub_dataset_id', type=str, default=None,
            help='Hugging Face dataset id of --dataset_path, recorded as the card\'s dataset (otherwise the card names '
                 'the CSV file and no hub dataset).')
+
+    store = parser.add_argument_group('stage store (--cache_dir)')
+    option(store, '--cache_report', action='store_true',
+           help='Print what --cache_dir holds (per stored stage: kind, key, size, when stored and last used, the '
+                'settings that made it; the tokenization and teacher-logit caches; disk use) and exit.')
+    option(store, '--cache_prune_older_than', type=float, default=None, metavar='DAYS',
+           help='Remove the stored stages and caches in --cache_dir not used for DAYS days (0: all that no '
+                'running run holds), and the leftovers of interrupted runs, then exit.')
     return parser
 
 
@@ -348,15 +366,46 @@ def stage_identity(settings, kind: str) -> Dict:
     return identity
 
 
+def stage_summary(kind: str, identity: Dict) -> str:
+    """A stored stage's telling settings in one line (for --cache_report), from the identity it was keyed by."""
+    names = SUMMARY_SETTINGS.get(kind, ()) + ('max_length', 'train_seed')
+    return ' '.join(f'{name}={identity[name]}' for name in names if identity.get(name) not in (None, '', False))
+
+
+SUMMARY_SETTINGS = {
+    'teacher': ('teacher_checkpoint', 'teacher_path', 'teacher_epochs', 'lr'),
+    'kd': ('kd_method', 'kd_alpha', 'kd_temperature', 'student_layers', 'student_path', 'epochs'),
+    'prune': ('prune_method', 'prune_sparsity', 'prune_layers', 'prune_schedule', 'fine_tune_epochs'),
+    'quant': ('quant_method', 'quant_dtype'),
+}
+
+
+def store_maintenance(args) -> bool:
+    """Whether the command only reports on or prunes --cache_dir (no dataset, no run)."""
+    return args.cache_report or args.cache_prune_older_than is not None
+
+
 def parse_compression_arguments(args_list: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse and validate everything (arguments, every technique of every requested pipeline, the CSV);
-    raises UsageError with the fix on anything that cannot work, before any work is done."""
-    args = build_argument_parser().parse_args(args_list)
+    """Parse and validate everything (arguments, every technique of every requested pipeline, the CSV, the
+    output and cache folders); raises UsageError with the fix on anything that cannot work, before any work
+    is done."""
+    parser = build_argument_parser()
+    args = parser.parse_args(args_list)
+    if store_maintenance(args):
+        if args.cache_prune_older_than is not None and args.cache_prune_older_than < 0:
+            raise UsageError(f'--cache_prune_older_than must be 0 or more days, got {args.cache_prune_older_than:g}.')
+        if not os.path.isdir(args.cache_dir):
+            raise UsageError(f"--cache_dir '{args.cache_dir}' is not a folder, so there is no stage store to report on "
+                             'or prune. Pass the --cache_dir your runs used (default ./cache).')
+        return args
+    missing = [flag for flag in ('--dataset_path', '--author_name') if getattr(args, flag[2:]) is None]
+    if missing:
+        parser.error(f'the following arguments are required: {", ".join(missing)}')
     if args.pipeline not in PIPELINE_CONFIGS:
         raise UsageError(f"Unknown pipeline '{args.pipeline}'. Choose one of: {', '.join(PIPELINE_CONFIGS)}.")
     unknown = [p for p in args.ablation_pipelines if p not in PIPELINE_CONFIGS]
-    if unknown:
-        raise UsageError(f"Unknown pipeline(s) in --ablation_pipelines: {', '.join(unknown)}. "
+    if unknown or not args.ablation_pipelines:
+        raise UsageError(f"Unknown pipeline(s) in --ablation_pipelines: {', '.join(unknown) or '(none given)'}. "
                          f"Choose from: {', '.join(PIPELINE_CONFIGS)}.")
     try:
         args.seeds = [int(s) for s in args.seeds] if args.seeds else [args.seed]
@@ -370,15 +419,32 @@ def parse_compression_arguments(args_list: Optional[List[str]] = None) -> argpar
 
 
 def validate_arguments(args: argparse.Namespace) -> None:
-    """Settings every run shares, then each requested pipeline's stages with that pipeline's settings."""
+    """Settings every run shares, the output and cache folders, the CSV's header and labels, then each
+    requested pipeline's stages with that pipeline's settings (e.g. --max_length against the models' configs).
+    The split-dependent checks (a label never positive in a split) follow in research_data.prepare_data."""
+    duplicated = sorted({c for c in args.label_columns if args.label_columns.count(c) > 1})
     checks = [
         (0.0 < args.data_fraction <= 1.0, f'--data_fraction must be in (0, 1], got {args.data_fraction}.'),
         (0.0 < args.val_fraction < 0.5, f'--val_fraction must be in (0, 0.5), got {args.val_fraction}.'),
         (args.num_folds >= 1, f'--num_folds must be at least 1, got {args.num_folds}.'),
         (0 <= args.eval_fold < max(args.num_folds, 1), f'--eval_fold must be in [0, {args.num_folds - 1}], got {args.eval_fold}.'),
         (args.max_length >= 8, f'--max_length must be at least 8, got {args.max_length}.'),
-        (args.batch >= 1 and args.latency_batch_size >= 1, '--batch and --latency_batch_size must be at least 1.'),
+        (args.batch >= 1, f'--batch must be at least 1, got {args.batch}.'),
+        (args.latency_batch_size >= 1, f'--latency_batch_size must be at least 1, got {args.latency_batch_size}.'),
+        (args.latency_runs >= 1, f'--latency_runs must be at least 1 (timed batches per stage), got {args.latency_runs}.'),
+        (args.gradient_accumulation_steps >= 1, '--gradient_accumulation_steps must be at least 1 (1 = no accumulation), '
+                                                f'got {args.gradient_accumulation_steps}.'),
+        (args.lr > 0, f'--lr must be positive, got {args.lr:g}.'),
+        (args.fine_tune_lr is None or args.fine_tune_lr > 0, f'--fine_tune_lr must be positive, got {args.fine_tune_lr}.'),
+        (0.0 <= args.warmup_ratio < 1.0, f'--warmup_ratio must be in [0, 1), got {args.warmup_ratio:g}.'),
+        (args.weight_decay >= 0, f'--weight_decay must be 0 or more, got {args.weight_decay:g}.'),
+        (args.gradient_clip_norm >= 0, f'--gradient_clip_norm must be 0 (no clipping) or more, got {args.gradient_clip_norm:g}.'),
+        (0.0 <= args.dropout < 1.0, f'--dropout must be in [0, 1), got {args.dropout:g}.'),
+        (args.early_stopping_patience >= 1, f'--early_stopping_patience must be at least 1 epoch, got {args.early_stopping_patience}.'),
         (len(args.label_columns) >= 1, '--label_columns must name at least one column.'),
+        (not duplicated, f'--label_columns names {", ".join(duplicated)} more than once; name each label column once.'),
+        (args.text_column not in args.label_columns, f"--text_column '{args.text_column}' is also in --label_columns; the "
+                                                     'text column holds the comments, the label columns their 0/1 labels.'),
         (0.0 < args.threshold < 1.0, f'--threshold must be in (0, 1), got {args.threshold}.'),
         (args.latency_runs >= 1, f'--latency_runs must be at least 1, got {args.latency_runs}.'),
         (args.latency_threads >= 1, f'--latency_threads must be at least 1, got {args.latency_threads}.'),
@@ -388,6 +454,12 @@ def validate_arguments(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    for flag, folder, what in (('--output_dir', args.output_dir, 'results and models'),
+                               ('--cache_dir', args.cache_dir, 'the stage store and caches')):
+        problem = folder_problem(folder)
+        if problem:
+            raise UsageError(f"{flag} '{folder}' {problem}. It must be a folder this tool can create or write "
+                             f'({what}): choose another path with {flag}.')
     load_labeled_csv(args.dataset_path, args.text_column, args.label_columns)
     for pipeline in requested_pipelines(args):
         settings = pipeline_settings(args, pipeline, args.seeds[0])

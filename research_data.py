@@ -10,7 +10,6 @@ counts as positive (a moderation model should rather see a disputed comment as h
 import hashlib
 import json
 import os
-import shutil
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -19,6 +18,10 @@ import numpy as np
 import pandas as pd
 
 from research_errors import UsageError
+from research_files import checksum_problems, folder_checksums, remove_entry, temporary_path, write_json_atomically
+
+TOKENIZATION_CACHE_PREFIX = 'tok_'
+CACHE_CHECKSUMS = 'checksums.json'   # sha256 of the files of a tokenization cache, written with it
 
 @dataclass
 class PreparedData:
@@ -62,6 +65,8 @@ def normalize_text(text: str) -> str:
 
 def load_labeled_csv(path: str, text_column: str, label_columns: Sequence[str]) -> pd.DataFrame:
     """Read the CSV and check the columns and label values; raise UsageError naming the fix."""
+    if os.path.isdir(path):
+        raise UsageError(f"--dataset_path '{path}' is a folder, not a CSV file. Pass the path of the CSV file itself.")
     if not os.path.isfile(path):
         raise UsageError(f"Dataset file '{path}' does not exist. Pass --dataset_path with the path of a CSV file "
                          f"that has a '{text_column}' text column and the label columns {', '.join(label_columns)}.")
@@ -70,6 +75,9 @@ def load_labeled_csv(path: str, text_column: str, label_columns: Sequence[str]) 
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise UsageError(f"Could not read '{path}' as a UTF-8 CSV file ({exc}). Check that it is a comma-separated "
                          'file with a header row.')
+    except OSError as exc:      # permissions, an unreadable disk
+        raise UsageError(f"Could not read the dataset file '{path}' ({exc.strerror or exc}). Check that it is readable "
+                         'by you (e.g. chmod u+r), or copy it somewhere readable and pass that path.')
     columns = list(frame.columns)
     if text_column not in columns:
         raise UsageError(f"Text column '{text_column}' is not in {path}. Its columns are: {', '.join(map(str, columns))}. "
@@ -82,10 +90,15 @@ def load_labeled_csv(path: str, text_column: str, label_columns: Sequence[str]) 
         values = pd.to_numeric(frame[column], errors='coerce')
         bad = frame[column][values.isna() | ~values.isin([0, 1])]
         if len(bad):
-            examples = ', '.join(repr(v) for v in bad.unique()[:5])
+            examples = ', '.join(repr(v.item() if isinstance(v, np.generic) else v) for v in bad.unique()[:5])
             raise UsageError(f"Label column '{column}' must hold only 0 and 1, but {len(bad)} row(s) hold other values "
                              f'(e.g. {examples}). Fix or drop those rows, or choose other --label_columns.')
         frame[column] = values.astype(np.int64)
+    texts = frame[text_column].dropna()
+    if len(texts) and pd.to_numeric(texts, errors='coerce').notna().all():
+        raise UsageError(f"Text column '{text_column}' holds only numbers (e.g. {', '.join(map(repr, texts.unique()[:3]))}), "
+                         f'not texts. Pass the column that holds the comments with --text_column (the columns of {path} '
+                         f"are: {', '.join(map(str, columns))}).")
     return frame[[text_column] + list(label_columns)]
 
 
@@ -117,13 +130,28 @@ def clean_and_deduplicate(frame: pd.DataFrame, text_column: str, label_columns: 
 # Splitting
 # ---------------------------------------------------------------------------------------------
 
-def subsample(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def stratification_target(labels: np.ndarray) -> np.ndarray:
+    """What the multilabel stratifiers balance: the labels, plus their complement when there is only one
+    (the stratifiers need a multi-label indicator matrix; one 0/1 column would be read as binary)."""
+    return labels if labels.shape[1] > 1 else np.hstack([labels, 1 - labels])
+
+
+def minimum_rows(num_folds: int) -> int:
+    return max(2 * num_folds, 10)
+
+
+def subsample(labels: np.ndarray, fraction: float, seed: int, num_folds: int = 1) -> np.ndarray:
     """Indices of a label-stratified `fraction` of the rows (all rows when fraction == 1)."""
     if fraction >= 1.0:
         return np.arange(len(labels))
+    kept = int(np.floor(fraction * len(labels)))
+    if kept < minimum_rows(num_folds):
+        raise UsageError(f'--data_fraction {fraction:g} keeps {kept} of the {len(labels)} usable texts, too few for '
+                         f'{num_folds} fold(s) with a validation slice (need at least {minimum_rows(num_folds)}). Raise '
+                         f'--data_fraction to at least {min(1.0, minimum_rows(num_folds) / len(labels)):.3g}, or use more data.')
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
-    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, train_size=fraction, test_size=None, random_state=seed)
-    keep, _ = next(splitter.split(np.zeros(len(labels)), labels))
+    splitter = MultilabelStratifiedShuffleSplit(n_splits=1, train_size=kept, test_size=None, random_state=seed)
+    keep, _ = next(splitter.split(np.zeros(len(labels)), stratification_target(labels)))
     return np.sort(keep)
 
 
@@ -132,7 +160,8 @@ def split_indices(labels: np.ndarray, num_folds: int, eval_fold: int, val_fracti
     (num_folds == 1: a stratified 80/20 holdout); a stratified `val_fraction` of the rest is validation."""
     from iterstrat.ml_stratifiers import MultilabelStratifiedKFold, MultilabelStratifiedShuffleSplit
     n = len(labels)
-    min_rows = max(2 * num_folds, 10)
+    min_rows = minimum_rows(num_folds)
+    labels = stratification_target(labels)
     if n < min_rows:
         raise UsageError(f'Only {n} usable rows remain, too few for {num_folds} fold(s) with a validation slice '
                          f'(need at least {min_rows}). Use more data (raise --data_fraction) or fewer --num_folds.')
@@ -153,13 +182,38 @@ def prepare_data(dataset_path: str, text_column: str, label_columns: Sequence[st
     """Load, clean, de-duplicate, subsample and split. The same arguments always give the same split."""
     frame = load_labeled_csv(dataset_path, text_column, label_columns)
     texts, labels, stats = clean_and_deduplicate(frame, text_column, label_columns)
-    keep = subsample(labels, data_fraction, seed)
+    keep = subsample(labels, data_fraction, seed, num_folds)
     texts, labels = [texts[i] for i in keep], labels[keep]
     stats['rows_used'] = len(texts)
     train_idx, val_idx, test_idx = split_indices(labels, num_folds, eval_fold, val_fraction, seed)
     print(f'[data] using {len(texts)} texts: train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)} '
           f'(fold {eval_fold} of {num_folds})')
+    check_label_coverage(labels, list(label_columns), {'training': train_idx, 'validation': val_idx, 'test': test_idx},
+                         eval_fold, num_folds)
     return PreparedData(texts, labels, list(label_columns), train_idx, val_idx, test_idx, eval_fold, stats)
+
+
+def check_label_coverage(labels: np.ndarray, label_names: Sequence[str], splits: Dict[str, np.ndarray], fold: int,
+                         num_folds: int) -> None:
+    """Refuse labels a run cannot learn or score: never positive (or never negative) in the data, or without a
+    positive text in the training, validation or test split (its F1 would be a silent 0 in every macro-F1)."""
+    positives, total = labels.sum(axis=0), len(labels)
+    for j, name in enumerate(label_names):
+        if positives[j] == 0 or positives[j] == total:
+            value = 'positive' if positives[j] == 0 else 'negative'
+            raise UsageError(f"Label '{name}' is never {value} in the {total} texts used, so no model can learn or be "
+                             f'scored on it. Drop it from --label_columns (e.g. --label_columns '
+                             f"{','.join(n for n in label_names if n != name) or 'OTHER'}), or use data that has both values.")
+    where = 'the 80/20 split' if num_folds == 1 else f'test fold {fold} of {num_folds}'
+    for split, idx in splits.items():
+        missing = [name for j, name in enumerate(label_names) if labels[idx, j].sum() == 0]
+        if missing:
+            raise UsageError(
+                f"The {split} split ({where}: {len(idx)} text{'s' if len(idx) != 1 else ''}) has no positive text for label(s) "
+                f"{', '.join(missing)} ({', '.join(f'{n}: {int(positives[label_names.index(n)])}' for n in missing)} "
+                f'positive in all {total} texts), so {"it could not be learned" if split == "training" else "its F1 would be a meaningless 0"}. '
+                'Use more data (raise --data_fraction), fewer --num_folds (1 = one 80/20 split), or drop the label from '
+                '--label_columns.')
 
 
 def positive_class_weights(labels: np.ndarray) -> np.ndarray:
@@ -192,17 +246,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def tokenization_cache_key(data: PreparedData, tokenizer, max_length: int) -> str:
-    return f'tok_{data.content_hash()}_{tokenizer_fingerprint(tokenizer)}_{max_length}'
+    return f'{TOKENIZATION_CACHE_PREFIX}{data.content_hash()}_{tokenizer_fingerprint(tokenizer)}_{max_length}'
 
 
 def tokenize_corpus(data: PreparedData, tokenizer, max_length: int, cache_dir: Optional[str]):
     """A `datasets.Dataset` of every text (input_ids, attention_mask, labels), unpadded; splits are
     `.select(idx)` of it. Cached on disk under a key of data content, tokenizer and max_length, so a
-    changed CSV or tokenizer never reuses a stale cache."""
+    changed CSV or tokenizer never reuses a stale cache; a damaged cache is rebuilt."""
     import datasets
     path = os.path.join(cache_dir, tokenization_cache_key(data, tokenizer, max_length)) if cache_dir else None
-    if path and os.path.isdir(path):
-        return datasets.load_from_disk(path)
+    if path and os.path.lexists(path):
+        cached = read_tokenization_cache(path, data, max_length)
+        if cached is not None:
+            return cached
     corpus = datasets.Dataset.from_dict({'text': data.texts, 'labels': data.labels.tolist()})
 
     def encode(batch):
@@ -212,16 +268,58 @@ def tokenize_corpus(data: PreparedData, tokenizer, max_length: int, cache_dir: O
     keep = [c for c in corpus.column_names if c in ('input_ids', 'attention_mask', 'token_type_ids', 'labels')]
     corpus = corpus.select_columns(keep)
     if path:
-        # Write aside and rename, so an interrupted run never leaves a half-written cache behind.
-        tmp = f'{path}.tmp{os.getpid()}'
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Written aside with the checksums of its files, then renamed: a cache is complete or absent.
+        tmp = temporary_path(path)
         corpus.save_to_disk(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        write_json_atomically(os.path.join(tmp, CACHE_CHECKSUMS), folder_checksums(tmp))
+        try:
             os.replace(tmp, path)
+        except OSError:
+            if not os.path.isdir(path):
+                raise
+            remove_entry(tmp)             # another run wrote the same cache meanwhile
         corpus = datasets.load_from_disk(path)
     return corpus
+
+
+def read_tokenization_cache(path: str, data: PreparedData, max_length: int):
+    """The cached corpus at `path` when it is intact: its files match the checksums written with it, it reads,
+    it has one row per text with this run's labels, and no sequence is empty or longer than max_length.
+    Otherwise None, after removing it with one line saying why (the caller rebuilds it)."""
+    import datasets
+    try:
+        with open(os.path.join(path, CACHE_CHECKSUMS), encoding='utf-8') as fh:
+            problems = checksum_problems(path, json.load(fh))
+        corpus = None if problems else datasets.load_from_disk(path)
+        problem = problems[0] if problems else tokenized_corpus_problem(corpus, data, max_length)
+    except FileNotFoundError as exc:
+        problem = (f'it has no {CACHE_CHECKSUMS} (written by an older version?)' if exc.filename and
+                   exc.filename.endswith(CACHE_CHECKSUMS) else f'unreadable ({type(exc).__name__})')
+    except Exception as exc:  # a damaged cache fails in many ways: bad JSON, Arrow errors, missing files
+        problem = f'unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""})'
+    if problem is None:
+        os.utime(path)                    # last use, for --cache_report and pruning
+        return corpus
+    print(f'[cache] tokenization cache {os.path.basename(path)}: {problem}: rebuilding')
+    remove_entry(path)
+    return None
+
+
+def tokenized_corpus_problem(corpus, data: PreparedData, max_length: int) -> Optional[str]:
+    """What is wrong with a tokenized corpus read back for `data` (None when nothing is)."""
+    import pyarrow.compute as pc
+    if corpus.num_rows != len(data.texts):
+        return f'it holds {corpus.num_rows} rows for {len(data.texts)} texts'
+    missing = {'input_ids', 'attention_mask', 'labels'} - set(corpus.column_names)
+    if missing:
+        return f'column(s) {", ".join(sorted(missing))} missing'
+    labels = np.asarray(corpus.data.column('labels').to_pylist(), dtype=np.float32)
+    if labels.shape != data.labels.shape or not np.array_equal(labels, data.labels):
+        return 'its labels differ from the data'
+    lengths = pc.list_value_length(corpus.data.column('input_ids')).to_numpy()
+    if lengths.min() < 1 or lengths.max() > max_length:
+        return f'sequence lengths {lengths.min()}..{lengths.max()} outside 1..{max_length}'
+    return None
 
 
 @dataclass
@@ -233,7 +331,8 @@ class TokenizedSplits:
 
 def tokenized_splits(data: PreparedData, tokenizer, max_length: int, cache_dir: Optional[str]) -> TokenizedSplits:
     corpus = tokenize_corpus(data, tokenizer, max_length, cache_dir)
-    return TokenizedSplits(corpus.select(data.train_idx), corpus.select(data.val_idx), corpus.select(data.test_idx))
+    # Index mappings kept in memory: nothing is written into the cache folder after its checksums.
+    return TokenizedSplits(*(corpus.select(idx, keep_in_memory=True) for idx in (data.train_idx, data.val_idx, data.test_idx)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from research_data import batches_of, tokenized_splits, tokenizer_fingerprint
 from research_errors import UsageError
+from research_files import remove_entry, temporary_path
 from research_inference import load_trainable_model, save_hf
-from research_models import (configured_depth, linear_weight_roles, load_encoder_for_classification, load_tokenizer,
-                             model_inputs, weights_fingerprint)
+from research_models import (check_model_source, configured_depth, linear_weight_roles, load_encoder_for_classification,
+                             load_tokenizer, model_inputs, weights_fingerprint)
 from research_training import (MultiLabelTrainer, make_trainer, run_training, stage_info, training_pos_weight,
                                trim_vocabulary_if_asked)
 
@@ -36,6 +37,7 @@ from research_training import (MultiLabelTrainer, make_trainer, run_training, st
 TEACHER_TOKEN_PREFIX = 'teacher_'
 TEACHER_TOKEN_COLUMNS = ('input_ids', 'attention_mask', 'token_type_ids')
 TEACHER_LOGITS_COLUMN = 'teacher_logits'
+TEACHER_LOGITS_PREFIX = 'teacher_logits_'   # cache files <cache_dir>/teacher_logits_<key>.npy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +250,8 @@ def validate(args) -> None:
         raise UsageError(f'--kd_alpha must be in [0, 1], got {args.kd_alpha}.')
     if args.kd_temperature <= 0:
         raise UsageError(f'--kd_temperature must be positive, got {args.kd_temperature}.')
+    if args.epochs < 1:
+        raise UsageError(f'--epochs (of student distillation) must be at least 1, got {args.epochs}.')
     if args.hidden_loss_weight < 0 or args.attention_loss_weight < 0:
         raise UsageError('--hidden_loss_weight and --attention_loss_weight must be >= 0.')
     depth_T = configured_depth(args.teacher_checkpoint or args.teacher_path)
@@ -260,6 +264,7 @@ def validate(args) -> None:
                 raise UsageError(f'--student_layers {args.student_layers} must keep between 1 and {depth_T} distinct '
                                  f'teacher layers (the teacher has {depth_T}: 0..{depth_T - 1}).')
     else:
+        check_model_source(args.student_path, args.max_length, '--student_path')
         depth_S = configured_depth(args.student_path)
     if args.kd_layer_map:
         parse_layer_map(args.kd_layer_map)
@@ -312,7 +317,7 @@ def derive_student_from_teacher(teacher, layers: Union[int, Sequence[int]]):
 def teacher_logits_cache_key(teacher, teacher_tokenizer, data, max_length: int) -> str:
     """Teacher weights + data content (texts, labels) + which rows are trained on + tokenizer + max_length."""
     rows = hashlib.sha256(np.asarray(data.train_idx, dtype=np.int64).tobytes()).hexdigest()[:12]
-    return (f'teacher_logits_{weights_fingerprint(teacher)}_{data.content_hash()}_{rows}_'
+    return (f'{TEACHER_LOGITS_PREFIX}{weights_fingerprint(teacher)}_{data.content_hash()}_{rows}_'
             f'{tokenizer_fingerprint(teacher_tokenizer)}_{max_length}.npy')
 
 
@@ -330,22 +335,43 @@ def teacher_logits_on(teacher, teacher_tokenizer, dataset, batch_size: int = 64)
 def cached_teacher_logits(teacher, teacher_tokenizer, teacher_train_dataset, data, max_length: int,
                           cache_dir: Optional[str]) -> Tuple[np.ndarray, bool]:
     """(logits of the training rows, whether they came from the cache). Computed once per teacher weights,
-    data, tokenization and max_length, then read from `cache_dir` (written atomically)."""
+    data, tokenization and max_length, then read from `cache_dir` (written atomically); a cache that does not
+    read back as finite float32 logits of the right shape is rebuilt."""
     path = os.path.join(cache_dir, teacher_logits_cache_key(teacher, teacher_tokenizer, data, max_length)) if cache_dir else None
     expected = (len(teacher_train_dataset), teacher.config.num_labels)
-    if path and os.path.isfile(path):
-        logits = np.load(path)
-        if logits.shape == expected:
+    if path and os.path.lexists(path):
+        logits, problem = read_logits_cache(path, expected)
+        if problem is None:
             print(f'[kd] teacher logits read from the cache {path}')
             return logits, True
+        print(f'[cache] teacher-logit cache {os.path.basename(path)}: {problem}: rebuilding')
+        remove_entry(path)
     logits = teacher_logits_on(teacher, teacher_tokenizer, teacher_train_dataset)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f'{path}.tmp{os.getpid()}.npy'
-        np.save(tmp, logits)
+        tmp = temporary_path(path)
+        with open(tmp, 'wb') as fh:
+            np.save(fh, logits)
         os.replace(tmp, path)
         print(f'[kd] teacher logits computed once and cached in {path}')
     return logits, False
+
+
+def read_logits_cache(path: str, expected: Tuple[int, int]) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """(logits, None) when the cached file reads as finite float32 logits of shape `expected`; else
+    (None, what is wrong)."""
+    try:
+        logits = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        return None, f'unreadable ({type(exc).__name__})'
+    if logits.shape != expected:
+        return None, f'shape {logits.shape}, expected {expected}'
+    if logits.dtype != np.float32:
+        return None, f'dtype {logits.dtype}, expected float32'
+    if not np.isfinite(logits).all():
+        return None, f'{int((~np.isfinite(logits)).sum())} non-finite value(s) (NaN or inf)'
+    os.utime(path)                    # last use, for --cache_report and pruning
+    return logits, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Entry point: the story of a run. Parse and validate everything -> prepare the output folder -> for each
-fold and training seed, run each pipeline's chain of stages (teacher -> KD -> prune -> quantize) through the
-stage store, then evaluate every stage side by side -> write results, exported models, summary and plots.
+"""Entry point: the story of a run. Parse and validate everything -> split the data of every fold (labels a
+split cannot score are refused) -> prepare the output folder -> for each fold and training seed, run each
+pipeline's chain of stages (teacher -> KD -> prune -> quantize) through the stage store, then evaluate every
+stage side by side -> write results, exported models, summary and plots.
 
     python research_main.py --pipeline kd_prune_quant --dataset_path data.csv --author_name me ...
     python research_main.py --run_ablation --seeds 42,43,44 --dataset_path data.csv --author_name me ...
+    python research_main.py --cache_report --cache_dir ./cache
 """
 
 import copy
@@ -14,13 +16,16 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from research_compression_config import (PIPELINE_CONFIGS, STAGES, parse_compression_arguments, pipeline_settings,
-                                         print_compression_config, requested_pipelines, save_config, stage_identity)
+                                         print_compression_config, requested_pipelines, save_config, stage_identity,
+                                         store_maintenance)
 from research_data import prepare_data
 from research_errors import UsageError
 from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, peak_memory_of_stages
-from research_report import (CONFIG_JSON, RUN_LOG, export_stage_models, final_stage_row, format_stage_table,
-                             prepare_output_dir, run_log, show_progress_bars, summarize_runs, write_json_atomically,
-                             write_pipeline_results, write_plots, write_summary)
+from research_files import remove_abandoned_temporaries
+from research_report import (CONFIG_JSON, RUN_LOG, STAGE_LOG, cache_report, captured_output, export_stage_models,
+                             final_stage_row, format_stage_table, prepare_output_dir, prune_cache, run_log,
+                             show_progress_bars, summarize_runs, write_json_atomically, write_pipeline_results,
+                             write_plots, write_summary)
 from research_stages import StageNode, StageStore, stage_key
 
 
@@ -59,7 +64,8 @@ def run_chain(store: StageStore, pipeline: str, data, settings, label: str) -> L
         parent = nodes[-1] if nodes else None
         produce = lambda folder, kind=kind, key=key, parent=parent: STAGES[kind].step(
             parent, data, with_log_folder(settings, kind, key), folder)
-        nodes.append(store.get_or_run(kind, key, produce, settings.train_seed, f' ({pipeline}{label})'))
+        nodes.append(store.get_or_run(kind, key, produce, settings.train_seed, f' ({pipeline}{label})',
+                                      identity=stage_identity(settings, kind)))
     return nodes
 
 
@@ -91,13 +97,20 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
     return {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
 
 
-def run_plan(args, pipelines: List[str]) -> Tuple[List[Run], List[Dict]]:
-    store = StageStore(os.path.join(args.cache_dir, 'stages'), reuse=args.reuse_stages)
+def prepare_folds(args) -> Dict[int, object]:
+    """The data of every fold the run scores on, loaded, split and checked (a label a split cannot score is
+    refused here, before anything moves or trains)."""
     folds = list(range(args.num_folds)) if args.run_full_kfold else [args.eval_fold]
+    return {fold: prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, fold,
+                               args.data_fraction, args.val_fraction, args.seed) for fold in folds}
+
+
+def run_plan(args, pipelines: List[str], folds: Dict[int, object]) -> Tuple[List[Run], List[Dict]]:
+    store = StageStore.in_cache_dir(args.cache_dir, reuse=args.reuse_stages)
+    store.remove_abandoned()                       # half-written stages and temporaries of interrupted runs
+    remove_abandoned_temporaries(args.cache_dir)
     runs = []
-    for fold in folds:
-        data = prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, fold,
-                            args.data_fraction, args.val_fraction, args.seed)
+    for fold, data in folds.items():
         for seed in args.seeds:
             first_event = len(store.events)
             settings = {p: pipeline_settings(args, p, seed) for p in pipelines}
@@ -126,7 +139,7 @@ def write_outputs(args, pipelines: List[str], runs: List[Run], events: List[Dict
             export_stage_models(folder, args, pipeline, run.stages[pipeline], run.nodes[pipeline])
             write_pipeline_results(folder, args, pipeline, run.stages[pipeline], run)
             rows.append(final_stage_row(pipeline, run.stages[pipeline], args.label_columns, f'fold{run.fold}_seed{run.seed}'))
-    write_json_atomically(os.path.join(args.output_dir, 'stage_log.json'), events)
+    write_json_atomically(os.path.join(args.output_dir, STAGE_LOG), events)
     if single:
         print('\n' + format_stage_table(runs[0].stages[pipelines[0]]))
         return
@@ -140,17 +153,27 @@ def main(args_list: Optional[List[str]] = None) -> int:
     try:
         # Arguments, every technique's settings and the CSV: all checked before anything moves or trains
         args = parse_compression_arguments(args_list)
+        if store_maintenance(args):
+            # --cache_prune_older_than / --cache_report: look after --cache_dir, run nothing
+            if args.cache_prune_older_than is not None:
+                print(prune_cache(args.cache_dir, args.cache_prune_older_than))
+            if args.cache_report:
+                print(cache_report(args.cache_dir))
+            return 0
         pipelines = requested_pipelines(args)
-        # Output folder: a foreign one is refused, an earlier run's files are archived
+        # The data of every fold, split and checked, still before anything in the output folder moves
+        with captured_output() as preamble:
+            folds = prepare_folds(args)
+        # Output folder: a foreign one is refused, an earlier run's own files are archived
         prepare_output_dir(args)
         show_progress_bars(args.progress_bars)
-        with run_log(os.path.join(args.output_dir, RUN_LOG)):
+        with run_log(os.path.join(args.output_dir, RUN_LOG), preamble.getvalue()):
             # Configuration, printed and saved before any long work
             print_compression_config(args, pipelines)
             save_config(args, os.path.join(args.output_dir, CONFIG_JSON), pipelines)
             started = time.time()
             # Stages (shared between pipelines, reused from the store), then every stage measured side by side
-            runs, events = run_plan(args, pipelines)
+            runs, events = run_plan(args, pipelines, folds)
             # Results, exported models, ablation summary and plots
             write_outputs(args, pipelines, runs, events)
             trained = sum(1 for e in events if not e['reused'])

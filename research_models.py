@@ -106,6 +106,52 @@ def configured_depth(path: str) -> Optional[int]:
         return None
 
 
+# Models whose position ids start after the padding id (RoBERTa's offset): they fit max_position_embeddings
+# - pad_token_id - 1 tokens.
+OFFSET_POSITION_MODELS = ('roberta', 'xlm-roberta', 'xlm-roberta-xl', 'camembert', 'data2vec-text', 'longformer', 'xmod')
+
+
+def position_limit(config) -> Optional[int]:
+    """The most tokens a model's position embeddings can take (None when its config does not say)."""
+    limit = getattr(config, 'max_position_embeddings', None)
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if getattr(config, 'model_type', '') in OFFSET_POSITION_MODELS:
+        limit -= (getattr(config, 'pad_token_id', None) or 0) + 1
+    return limit
+
+
+WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin', 'model.safetensors.index.json', 'pytorch_model.bin.index.json')
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A local path rather than a hub id ('org/name'): absolute, relative ('./', '../', '~') or deeper."""
+    return os.path.isabs(name) or name.startswith(('.', '~')) or name.count('/') > 1 or os.sep in name.replace('/', '')
+
+
+def check_model_source(path: str, max_length: int, flag: str) -> None:
+    """Refuse, from its config alone, a model (given with `flag`) that cannot be used: a local path that is
+    not a folder, a folder without a readable config or without weights, or a model that cannot take
+    --max_length tokens (max_position_embeddings). A hub id that cannot be fetched now is left to the stage
+    that loads it, which says why."""
+    folder = resolve_model_path(path)
+    if looks_like_a_path(path) and not os.path.isdir(folder):
+        raise UsageError(f"{flag} '{path}' is not a folder (no such directory). Pass the folder of a saved model "
+                         '(config.json, weights, tokenizer), or a Hugging Face hub id such as csebuetnlp/banglabert.')
+    try:
+        config = load_model_config(path)
+    except UsageError:
+        if os.path.isdir(folder):
+            raise
+        return
+    if os.path.isdir(folder) and not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        raise _fetch_failed(path, FileNotFoundError(f'no {" or ".join(WEIGHT_FILES[:2])} in it'))
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        raise UsageError(f"--max_length {max_length} is more than the {limit} tokens the model of {flag} '{path}' can "
+                         f'take (its max_position_embeddings). Pass --max_length {limit} or less.')
+
+
 def load_encoder_for_classification(path: str, label_names: Sequence[str], dropout: float) -> Tuple[object, object]:
     """A pretrained encoder with a new multi-label head (to be fine-tuned), and its tokenizer."""
     from transformers import AutoConfig, AutoModelForSequenceClassification

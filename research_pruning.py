@@ -158,6 +158,9 @@ def validate(args) -> None:
         raise UsageError(f'--prune_sparsity must be in (0, 1), got {args.prune_sparsity}.')
     if args.prune_frequency < 1:
         raise UsageError('--prune_frequency must be at least 1.')
+    if args.fine_tune_after_prune and args.fine_tune_epochs < 1 and args.prune_method != 'gradual':
+        raise UsageError(f'--fine_tune_epochs must be at least 1 to fine-tune after pruning, got {args.fine_tune_epochs}. '
+                         'To skip fine-tuning, pass --no_fine_tune_after_prune instead.')
     if args.prune_end_epoch is not None and args.prune_end_epoch <= args.prune_start_epoch:
         raise UsageError('--prune_end_epoch must be after --prune_start_epoch.')
     if args.prune_method == 'gradual':

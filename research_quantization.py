@@ -296,7 +296,7 @@ def quantization_aware_training_int8(model, tokenizer, model_dir: str, args, dat
     learning_rate = args.fine_tune_lr or args.lr / 2
     print(f'[quant] QAT: fake quantization in {len(wrappers)} Linear layers, {args.fine_tune_epochs} epoch(s) at lr {learning_rate:g}')
     model = train_classifier(model, tokenizer, data.train, data.val, data.pos_weight, args,
-                             os.path.join(model_dir, 'qat_work'), args.fine_tune_epochs, learning_rate)
+                             os.path.join(model_dir, 'work'), args.fine_tune_epochs, learning_rate)
     model = model.cpu().eval()
     wrappers = {name: model.get_submodule(name) for name in modules}
     remove_fake_quant(model, wrappers)
@@ -438,6 +438,9 @@ def validate(args) -> None:
         check_bitsandbytes_available(dtype)
     if args.quant_calibration_batches < 1:
         raise UsageError('--quant_calibration_batches must be at least 1.')
+    if args.quant_method == 'qat' and args.fine_tune_epochs < 1:
+        raise UsageError(f'--quant_method qat fine-tunes through fake quantization for --fine_tune_epochs, which must be '
+                         f'at least 1 (got {args.fine_tune_epochs}); or use --quant_method static (no training).')
 
 
 def quantize_and_save(model, tokenizer, model_dir: str, args, train_dataset, val_dataset=None,

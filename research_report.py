@@ -8,11 +8,11 @@ aggregator that combines the results of several runs (e.g. a bash sweep over --k
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -24,16 +24,22 @@ import pandas as pd
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 from transformers.utils import logging as transformers_logging
 
-from research_compression_config import PIPELINE_CONFIGS, STAGE_IDENTITY, STAGES, TOOL_MARKER
+from research_compression_config import (PIPELINE_CONFIGS, STAGE_IDENTITY, STAGES, TOOL_MARKER, TOOL_OUTPUTS,
+                                         stage_summary)
+from research_data import TOKENIZATION_CACHE_PREFIX
 from research_errors import UsageError
+from research_files import (TEMPORARY_TAG, folder_size, fresh_folder_inside, remove_abandoned_temporaries, remove_entry,
+                            temporary_path, write_json_atomically)
 from research_inference import read_info, set_threshold
+from research_kd import TEACHER_LOGITS_PREFIX
 from research_models import hub_model_id
-from research_stages import copy_stage
+from research_stages import STORE_FOLDER, StageStore, copy_stage
 
 RESULTS_JSON = 'results_final.json'
 RESULTS_CSV = 'results_final.csv'
 CONFIG_JSON = 'config.json'
 RUN_LOG = 'run.log'
+STAGE_LOG = 'stage_log.json'
 
 SUMMARY_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'size_mb_compressed',
                    'compression_ratio', 'compression_ratio_compressed', 'params_nonzero', 'sparsity_overall',
@@ -42,33 +48,65 @@ DELTA_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb'
 
 
 # ---------------------------------------------------------------------------------------------
-# Output folder: refuse a foreign non-empty folder, never silently overwrite an earlier run
+# Output folder: refuse a foreign non-empty folder, never silently overwrite an earlier run, and never
+# move or delete anything but the tool's own files
 # ---------------------------------------------------------------------------------------------
 
+ARCHIVE_DIR = 'previous_runs'
+
+
+def is_tool_output(name: str) -> bool:
+    """A top-level name the tool writes, or the temporary of one left by an interrupted write."""
+    base = name.split(TEMPORARY_TAG)[0]
+    return (base[:-len('.tmp')] if base.endswith('.tmp') else base) in TOOL_OUTPUTS
+
+
 def holds_earlier_run(output_dir: str) -> bool:
+    """Its config.json says this tool wrote it, or everything in it is the tool's (a run interrupted before
+    config.json was written, an archive that was interrupted, or only previous_runs/ left)."""
     try:
         with open(os.path.join(output_dir, CONFIG_JSON), encoding='utf-8') as fh:
-            return json.load(fh).get('tool') == TOOL_MARKER
-    except (OSError, ValueError):
-        return False
+            if json.load(fh).get('tool') == TOOL_MARKER:
+                return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    return all(is_tool_output(n) for n in os.listdir(output_dir) if n != ARCHIVE_DIR)
 
 
 def prepare_output_dir(args) -> None:
-    """Create the output folder. A non-empty folder that is not an earlier run of this tool is refused
-    unless --overwrite_output_dir; an earlier run's results are moved to previous_runs/<time>/."""
+    """Create the output folder. A non-empty folder that is not an earlier run of this tool is refused unless
+    --overwrite_output_dir. Either way, the entries with the tool's names (TOOL_OUTPUTS, nothing else) are moved
+    to previous_runs/<time>/ before the run writes: nothing is deleted or overwritten, no link is followed,
+    and every other entry stays where it is."""
     out = args.output_dir
     if os.path.isdir(out) and os.listdir(out):
-        if holds_earlier_run(out):
-            archive = os.path.join(out, 'previous_runs', time.strftime('%Y%m%d-%H%M%S'))
-            os.makedirs(archive, exist_ok=True)
-            for name in os.listdir(out):
-                if name not in ('previous_runs',):
-                    shutil.move(os.path.join(out, name), os.path.join(archive, name))
-            print(f'[output] {out} held an earlier run: its files were moved to {archive}')
-        elif not args.overwrite_output_dir:
+        earlier = holds_earlier_run(out)
+        if not earlier and not args.overwrite_output_dir:
             raise UsageError(f"--output_dir '{out}' is not empty and does not hold an earlier run of this tool. "
-                             'Choose an empty or new folder, or pass --overwrite_output_dir to write into it anyway.')
+                             'Choose an empty or new folder, or pass --overwrite_output_dir to write into it anyway (its '
+                             f'entries named like the tool\'s outputs, {", ".join(TOOL_OUTPUTS)}, are moved to '
+                             f'{ARCHIVE_DIR}/<time>/ first; nothing else in it is touched).')
+        ours = sorted(n for n in os.listdir(out) if is_tool_output(n))
+        if ours:
+            archive = archive_folder(out)
+            os.makedirs(archive)
+            # config.json last: a move interrupted half-way still leaves a folder recognised as an earlier run
+            for name in sorted(ours, key=lambda n: n == CONFIG_JSON):
+                os.rename(os.path.join(out, name), os.path.join(archive, name))
+            kept = len(os.listdir(out)) - 1
+            print(f'[output] {out} ' + ('held an earlier run' if earlier else "has entries named like this tool's outputs")
+                  + f': {", ".join(ours)} moved to {archive}'
+                  + (f'; {kept} other entr{"y" if kept == 1 else "ies"} left in place' if kept else ''))
     os.makedirs(out, exist_ok=True)
+
+
+def archive_folder(output_dir: str) -> str:
+    """previous_runs/<time>/, made unique when two runs start within the same second."""
+    base = os.path.join(output_dir, ARCHIVE_DIR, time.strftime('%Y%m%d-%H%M%S'))
+    path, n = base, 1
+    while os.path.lexists(path):
+        path, n = f'{base}-{n}', n + 1
+    return path
 
 
 # What a terminal interprets in a printed stream: escape sequences (CSI: colours, cursor moves, erasing; OSC:
@@ -167,10 +205,26 @@ class TeeToLog:
 
 
 @contextlib.contextmanager
-def run_log(path: str):
-    """Tee stdout and stderr into `path` (appended) as a terminal finally shows them, restoring both afterwards."""
+def captured_output():
+    """Tee stdout into a buffer, as a terminal finally shows it (what a run prints before its output folder
+    exists, replayed into run.log)."""
+    saved, buffer = sys.stdout, io.StringIO()
+    screen = TerminalLines(buffer)
+    sys.stdout = TeeToLog(sys.stdout, screen)
+    try:
+        yield buffer
+    finally:
+        sys.stdout = saved
+        screen.close()
+
+
+@contextlib.contextmanager
+def run_log(path: str, preamble: str = ''):
+    """Tee stdout and stderr into `path` (appended, after `preamble`) as a terminal finally shows them,
+    restoring both afterwards."""
     saved = sys.stdout, sys.stderr
     with open(path, 'a', encoding='utf-8') as log:
+        log.write(preamble)
         screen = TerminalLines(log)
         sys.stdout, sys.stderr = TeeToLog(sys.stdout, screen), TeeToLog(sys.stderr, screen)
         try:
@@ -205,14 +259,6 @@ RESULT_COLUMNS = ['stage', 'f1_macro', 'f1_micro', 'f1_weighted', 'exact_match',
                   'latency_noisy', 'speedup_vs_fp32_onnx', 'runtime_speedup_onnx_vs_pytorch', 'model_dir']
 
 
-def write_json_atomically(path: str, payload) -> None:
-    """Write aside, then rename: an interrupted run never leaves a complete-looking results file."""
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as fh:
-        json.dump(payload, fh, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp, path)
-
-
 def flatten_stage(stage: Dict, label_names: Sequence[str]) -> Dict:
     """One CSV row: the scalar metrics, then per-label metrics as `<label>_<metric>` columns."""
     row = {k: stage.get(k) for k in RESULT_COLUMNS}
@@ -230,19 +276,23 @@ def write_pipeline_results(folder: str, args, pipeline: str, stages: List[Dict],
                'test_split_hash': run.data.test_split_hash, 'test_rows': int(len(run.data.test_idx)), 'stages': stages}
     rows = pd.DataFrame([flatten_stage(s, args.label_columns) for s in stages])
     rows.insert(0, 'pipeline', pipeline)
-    rows.to_csv(os.path.join(folder, RESULTS_CSV + '.tmp'), index=False)
-    os.replace(os.path.join(folder, RESULTS_CSV + '.tmp'), os.path.join(folder, RESULTS_CSV))
+    tmp = temporary_path(os.path.join(folder, RESULTS_CSV))
+    rows.to_csv(tmp, index=False)
+    os.replace(tmp, os.path.join(folder, RESULTS_CSV))
     write_json_atomically(os.path.join(folder, RESULTS_JSON), payload)
 
 
 def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], nodes) -> None:
     """Copy the final stage (every stage with --save_all_stages) out of the stage store into
-    `folder/stages/<stage>/`, with this run's --threshold and a model card; other stages get model_dir null."""
+    `folder/stages/<stage>/`, with this run's --threshold and a model card; other stages get model_dir null.
+    The target is emptied first without following a symbolic link or leaving the output folder."""
     for i, (stage, node) in enumerate(zip(stages, nodes)):
         if not (args.save_all_stages or i == len(stages) - 1):
             stage['model_dir'] = None
             continue
         target = os.path.join(folder, 'stages', stage['stage'])
+        for note in fresh_folder_inside(args.output_dir, target):
+            print(f'[output] {note}')
         copy_stage(node, target)
         set_threshold(target, args.threshold)
         stage['model_dir'] = os.path.abspath(target)
@@ -558,6 +608,69 @@ def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str
 
 def write_model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> None:
     ModelCard(model_card(model_dir, pipeline, result, config)).save(os.path.join(model_dir, 'README.md'))
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache folder: what it holds (--cache_report) and removing what is not used (--cache_prune_older_than)
+# ---------------------------------------------------------------------------------------------
+
+def cache_entries(cache_dir: str) -> List[Dict]:
+    """The tokenization and teacher-logit caches in `cache_dir` (only those names: nothing else there is
+    ever listed or removed), with size and last use (their modification time is renewed on every read)."""
+    kinds = {TOKENIZATION_CACHE_PREFIX: 'tokenization', TEACHER_LOGITS_PREFIX: 'teacher logits'}
+    rows = []
+    for name in sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else []:
+        kind = next((k for prefix, k in kinds.items() if name.startswith(prefix) and TEMPORARY_TAG not in name), None)
+        path = os.path.join(cache_dir, name)
+        if kind and not os.path.islink(path):
+            rows.append({'kind': kind, 'name': name, 'path': path, 'bytes': folder_size(path),
+                         'last_used': os.path.getmtime(path)})
+    return rows
+
+
+def _when(timestamp) -> str:
+    return '-' if not timestamp else time.strftime('%Y-%m-%d %H:%M', time.localtime(timestamp))
+
+
+def cache_report(cache_dir: str) -> str:
+    """What --cache_dir holds: every stage of the store (kind, key, size, when stored and last used, the settings
+    that made it) and the tokenization/teacher-logit caches, with the disk use and how to prune."""
+    store = StageStore.in_cache_dir(cache_dir)
+    stages, caches = store.stored_stages(), cache_entries(cache_dir)
+    mb = lambda n: f'{n / 2 ** 20:.1f}'
+    lines = [f'Stage store {store.root}: {len(stages)} stage folder(s), {mb(sum(r["bytes"] for r in stages))} MB', '']
+    if stages:
+        lines.append(f'{"kind":<8} {"key":<16} {"MB":>8}  {"stored":<16}  {"last used":<16}  settings')
+        for row in stages:
+            state = '' if row['state'] == 'stored' else f'  [{row["state"]}]'
+            lines.append(f'{row["kind"]:<8} {row["key"]:<16} {mb(row["bytes"]):>8}  {_when(row["stored"]):<16}  '
+                         f'{_when(row["last_used"]):<16}  {stage_summary(row["kind"], row["settings"]) or "-"}{state}')
+        lines.append('')
+    for kind in ('tokenization', 'teacher logits'):
+        rows = [r for r in caches if r['kind'] == kind]
+        lines.append(f'{kind} caches: {len(rows)}, {mb(sum(r["bytes"] for r in rows))} MB'
+                     + (f', last used {_when(max(r["last_used"] for r in rows))}' if rows else ''))
+    lines += [f'Disk use of {cache_dir}: {mb(folder_size(cache_dir))} MB in all.', '',
+              'To free space: python research_main.py --cache_dir DIR --cache_prune_older_than DAYS removes the stored '
+              'stages and caches not used for DAYS days (0: all that no running run holds); or delete any '
+              f'{STORE_FOLDER}/<kind>-<key> folder by hand. A removed stage is rebuilt when a run needs it again.']
+    return '\n'.join(lines)
+
+
+def prune_cache(cache_dir: str, older_than_days: float) -> str:
+    """Remove the stages (never one a live run holds), caches and leftovers of dead runs not used for
+    `older_than_days` days; returns what was freed."""
+    store = StageStore.in_cache_dir(cache_dir)
+    before = folder_size(cache_dir)
+    leftovers = store.remove_abandoned() + remove_abandoned_temporaries(cache_dir)
+    stages = store.remove_unused(older_than_days)
+    cutoff = time.time() - older_than_days * 86400
+    caches = [row for row in cache_entries(cache_dir) if row['last_used'] <= cutoff]
+    for row in caches:
+        remove_entry(row['path'])
+    freed = (before - folder_size(cache_dir)) / 2 ** 20
+    return (f'[cache] removed {len(stages)} stage(s), {len(caches)} cache(s) and {len(leftovers)} leftover(s) of '
+            f'interrupted runs not used for {older_than_days:g} day(s): {freed:.1f} MB freed in {cache_dir}')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,26 +3,46 @@ a hash of what produces it (its kind, its settings, its parent's key, the data i
 
 Any pipeline, ablation or later run that needs the same stage reuses it; a changed setting re-runs only
 the stages downstream of the change; an interrupted run resumes, because a stage counts as stored only
-once its completion marker is written. This module knows nothing of models or techniques: a stage is
+once its completion record is written. This module knows nothing of models or techniques: a stage is
 produced by a callable that writes into a folder and returns its metadata.
+
+A store you can trust:
+- the completion record (`STAGE_COMPLETE`, JSON) holds the sha256 of every file of the stage, written when
+  it completes; a stage is verified before each reuse, and one that fails (a file changed, truncated or
+  missing) is discarded with one line saying which file, and rebuilt;
+- one lock per stage (`.locks/<kind>-<key>.lock`, a `filelock` lock holding the owner's pid and host): a run that
+  needs a stage another run is producing waits for it and then reuses it; the kernel releases the lock of
+  a process that dies, and a lock whose recorded owner is a dead process of this host is taken over;
+- a stage folder without a completion record and without a live lock is the leftover of an interrupted
+  run, and is removed when the store opens.
 
 What is *measured* (quality, size, latency) is never taken from the store: every stage is loaded back from
 disk and evaluated in the current run, so speed-ups compare measurements taken side by side.
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
+from filelock import FileLock, Timeout
 from transformers import set_seed
+
+from research_files import (checksum_problems, copy_file_unshared, folder_checksums, folder_size, owner_is_dead,
+                            owner_record, remove_abandoned_temporaries, remove_entry, temporary_path)
 
 COMPLETE_MARKER = 'STAGE_COMPLETE'
 STAGE_FORMAT = 3  # bump when what a stored stage holds or how it is keyed changes, so older stores are not misread
 META_FILE = 'stage_meta.json'
 WORK_DIR = 'work'  # scratch space of a stage being produced (Trainer checkpoints), removed on completion
+LOCK_FOLDER = '.locks'   # <root>/.locks/<kind>-<key>.lock: beside, never inside, the stage folders
+STORE_FOLDER = 'stages'   # the store's folder inside --cache_dir
+STAGE_FOLDER = re.compile(r'^(?P<kind>[a-z_]+)-(?P<key>[0-9a-f]{16})$')
 
 
 @dataclass
@@ -40,41 +60,197 @@ def stage_key(kind: str, parent_key: str, data_key: str, settings: Dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------------------------
+# One lock per stage
+# ---------------------------------------------------------------------------------------------
+
+def read_lock_owner(path: str) -> Optional[Dict]:
+    """The owner record a lock file holds ({pid, host, since, stage}), or None (free, or unreadable)."""
+    try:
+        with open(path, encoding='utf-8') as fh:
+            record = json.loads(fh.read() or 'null')
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def describe_owner(record: Optional[Dict]) -> str:
+    if not record:
+        return 'another run'
+    since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(record.get('since', 0)))
+    return f"pid {record.get('pid')} on host {record.get('host')} (since {since})"
+
+
+class StageLock:
+    """An exclusive lock on one stage, held while the stage is verified or produced. `filelock.FileLock`
+    (flock) excludes the other processes; its file records the owner (pid, host, time) for the messages of
+    waiting runs and for taking over a lock whose owner died."""
+
+    poll_seconds = 2.0        # how often a waiting run looks at the lock again
+    takeover_checks = 2       # consecutive looks that must find a dead owner before the lock is taken over
+
+    def __init__(self, path: str, label: str):
+        self.path, self.label = path, label
+        self.lock = FileLock(path)
+
+    def try_acquire(self) -> bool:
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        self._write_owner({**owner_record(), 'since': time.time(), 'stage': self.label})
+        return True
+
+    def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        print(f'[store] stage {self.label} is being produced by {describe_owner(read_lock_owner(self.path))}: '
+              'waiting for it')
+        dead_looks = 0
+        while True:
+            try:
+                self.lock.acquire(timeout=self.poll_seconds)
+                break
+            except Timeout:
+                owner = read_lock_owner(self.path)
+                dead_looks = dead_looks + 1 if owner_is_dead(owner) else 0
+                if dead_looks >= self.takeover_checks:
+                    # The recorded owner is gone but its lock is still held (e.g. by a child it forked, or a lock
+                    # without flock support): take it over on a fresh lock file.
+                    print(f'[store] stage {self.label}: the lock of {describe_owner(owner)}, which no longer runs, '
+                          'is taken over')
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path)
+                    self.lock = FileLock(self.path)
+                    dead_looks = 0
+        self._write_owner({**owner_record(), 'since': time.time(), 'stage': self.label})
+
+    def release(self) -> None:
+        try:
+            self._write_owner(None)
+        finally:
+            self.lock.release()
+
+    def _write_owner(self, record: Optional[Dict]) -> None:
+        with open(self.path, 'r+' if os.path.exists(self.path) else 'w', encoding='utf-8') as fh:
+            fh.truncate(0)
+            if record:
+                fh.write(json.dumps(record))
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+
 class StageStore:
-    """Folders `<root>/<kind>-<key>/`; a folder counts only once its completion marker is written. Within one
-    run each key is produced or loaded once (`nodes`), and every use is logged (`events`)."""
+    """Folders `<root>/<kind>-<key>/`; a folder counts only once its completion record is written and its files
+    match the checksums in it. Within one run each key is produced or loaded once (`nodes`), and every use is
+    logged (`events`)."""
 
     def __init__(self, root: str, reuse: bool = True):
         self.root = root
         self.reuse = reuse
-        os.makedirs(root, exist_ok=True)
         self.nodes: Dict[str, StageNode] = {}
         self.events: List[Dict] = []
         self.visited, self.planned = 0, 0
 
+    @classmethod
+    def in_cache_dir(cls, cache_dir: str, reuse: bool = True) -> 'StageStore':
+        return cls(os.path.join(cache_dir, STORE_FOLDER), reuse)
+
     def path(self, kind: str, key: str) -> str:
         return os.path.join(self.root, f'{kind}-{key}')
 
-    def load(self, kind: str, key: str) -> Optional[StageNode]:
-        path = self.path(kind, key)
-        if not os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
+    def lock(self, kind: str, key: str) -> StageLock:
+        """The stage's lock (its file is created on first use and left in place: a few bytes)."""
+        os.makedirs(os.path.join(self.root, LOCK_FOLDER), exist_ok=True)
+        return StageLock(os.path.join(self.root, LOCK_FOLDER, f'{kind}-{key}.lock'), f'{kind}-{key}')
+
+    @contextlib.contextmanager
+    def locked(self, kind: str, key: str) -> Iterator[None]:
+        """Hold the stage's lock (waiting while another run holds it)."""
+        lock = self.lock(kind, key)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def completion_record(self, kind: str, key: str) -> Optional[Dict]:
+        """The stage's completion record; None when it is not stored (no record); {} when unreadable."""
+        marker = os.path.join(self.path(kind, key), COMPLETE_MARKER)
+        if not os.path.isfile(marker):
             return None
-        with open(os.path.join(path, META_FILE), encoding='utf-8') as fh:
-            return StageNode(kind, key, path, json.load(fh), reused=True)
+        try:
+            with open(marker, encoding='utf-8') as fh:
+                record = json.load(fh)
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def problem(self, kind: str, key: str) -> Optional[str]:
+        """Why the stored stage cannot be trusted (None when it can): its record is unreadable or has no
+        checksums, or a file differs from its checksum."""
+        record = self.completion_record(kind, key)
+        if not record or not isinstance(record.get('files'), dict) or META_FILE not in record['files']:
+            return 'its completion record is unreadable or has no checksums (written by an older version?)'
+        problems = checksum_problems(self.path(kind, key), record['files'])
+        return problems[0] + (f' (and {len(problems) - 1} more)' if len(problems) > 1 else '') if problems else None
+
+    def load(self, kind: str, key: str) -> Optional[StageNode]:
+        """The stored stage, verified against its checksums; a stage that fails is removed (with one line
+        saying why) and None is returned, so it is rebuilt. Call with the stage's lock held."""
+        if self.completion_record(kind, key) is None:
+            return None
+        path = self.path(kind, key)
+        problem = self.problem(kind, key)
+        if problem is None:
+            try:
+                with open(os.path.join(path, META_FILE), encoding='utf-8') as fh:
+                    meta = json.load(fh)
+            except (OSError, ValueError) as exc:
+                problem = f'{META_FILE} is unreadable ({type(exc).__name__})'
+        if problem is not None:
+            print(f'[store] stage {kind}-{key}: {problem}: rebuilding')
+            remove_entry(path)
+            return None
+        os.utime(os.path.join(path, COMPLETE_MARKER))      # last use, for --cache_report and pruning
+        return StageNode(kind, key, path, meta, reused=True)
+
+    # -- writing ------------------------------------------------------------------------------
 
     def begin(self, kind: str, key: str) -> str:
-        """An empty folder for a stage about to be produced (a half-written earlier attempt is discarded)."""
+        """An empty folder for a stage about to be produced (call with its lock held: what is there is the
+        leftover of an interrupted attempt, or a stage that failed its checks)."""
         path = self.path(kind, key)
-        shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path):
+            if os.path.isdir(path) and os.listdir(path) and self.completion_record(kind, key) is None:
+                print(f'[store] stage {kind}-{key}: discarding the half-written folder of an interrupted attempt')
+            remove_entry(path)
         os.makedirs(path)
         return path
 
-    def complete(self, kind: str, key: str, meta: Dict) -> StageNode:
+    def complete(self, kind: str, key: str, meta: Dict, identity: Optional[Dict] = None,
+                 seconds: Optional[float] = None) -> StageNode:
+        """Remove the scratch space and any Trainer checkpoint, write the metadata, then the completion record
+        with the sha256 of every file (last, and atomically: only now does the stage count as stored)."""
         path = self.path(kind, key)
-        shutil.rmtree(os.path.join(path, WORK_DIR), ignore_errors=True)
+        for root, dirs, _ in os.walk(path):
+            for name in list(dirs):
+                if name == WORK_DIR or name.startswith('checkpoint-'):
+                    remove_entry(os.path.join(root, name))
+                    dirs.remove(name)
         with open(os.path.join(path, META_FILE), 'w', encoding='utf-8') as fh:
             json.dump(meta, fh, indent=2, default=str)
-        open(os.path.join(path, COMPLETE_MARKER), 'w').close()
+        record = {'format': STAGE_FORMAT, 'kind': kind, 'key': key, 'completed': time.time(), 'seconds': seconds,
+                  **owner_record(), 'settings': identity or {}, 'files': folder_checksums(path, exclude=(COMPLETE_MARKER,))}
+        marker = os.path.join(path, COMPLETE_MARKER)
+        tmp = temporary_path(marker)
+        with open(tmp, 'w', encoding='utf-8') as fh:
+            json.dump(record, fh, indent=1, default=str)
+        os.replace(tmp, marker)
         return StageNode(kind, key, path, meta, reused=False)
 
     def plan(self, keys: Iterable[str]) -> None:
@@ -82,32 +258,107 @@ class StageStore:
         self.planned = len(set(keys))
         self.visited = 0
 
-    def get_or_run(self, kind: str, key: str, produce: Callable[[str], Dict], seed: int, where: str = '') -> StageNode:
+    def get_or_run(self, kind: str, key: str, produce: Callable[[str], Dict], seed: int, where: str = '',
+                   identity: Optional[Dict] = None) -> StageNode:
         """The stored stage `kind-key`, produced by `produce(folder) -> meta` (with the seed set, so its
-        randomness never depends on what ran before it) when it is not stored yet."""
+        randomness never depends on what ran before it) when it is not stored yet. Under the stage's lock: a
+        run that needs a stage another run is producing waits, then reuses it. `identity` (the settings that
+        made the key) is recorded for --cache_report."""
         if key in self.nodes:
             return self.nodes[key]
-        node = self.load(kind, key) if self.reuse else None
         self.visited += 1
-        print(f'\n[plan] stage {self.visited} of {self.planned} distinct{where}: {kind} ({key}) - '
-              + ('reusing the stored stage' if node else 'running'))
-        if node is None:
-            set_seed(seed)
-            path = self.begin(kind, key)
-            node = self.complete(kind, key, produce(path))
+        with self.locked(kind, key):
+            node = self.load(kind, key) if self.reuse else None
+            print(f'\n[plan] stage {self.visited} of {self.planned} distinct{where}: {kind} ({key}) - '
+                  + ('reusing the stored stage' if node else 'running'))
+            if node is None:
+                set_seed(seed)
+                started = time.time()
+                folder = self.begin(kind, key)
+                node = self.complete(kind, key, produce(folder), identity, time.time() - started)
         self.events.append({'kind': kind, 'key': key, 'reused': node.reused})
         self.nodes[key] = node
         return node
 
+    # -- disk hygiene -------------------------------------------------------------------------
 
-def copy_stage(node: StageNode, target: str) -> None:
-    """Copy a stored stage's model files into `target` (its marker, metadata and card stay in the store);
-    hard links where the filesystem allows (no extra disk)."""
-    def link_or_copy(s, d):
+    def stage_folders(self) -> List[str]:
         try:
-            os.link(s, d)
+            return sorted(n for n in os.listdir(self.root) if STAGE_FOLDER.match(n) and os.path.isdir(os.path.join(self.root, n)))
         except OSError:
-            shutil.copy2(s, d)
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(node.path, target, copy_function=link_or_copy,
-                    ignore=shutil.ignore_patterns(COMPLETE_MARKER, META_FILE, 'README.md'))
+            return []
+
+    def remove_abandoned(self) -> List[str]:
+        """Remove the half-written stage folders of runs that are gone (no completion record, no live lock) and
+        the temporaries dead processes left; returns what was removed."""
+        removed = []
+        for name in self.stage_folders():
+            kind, key = STAGE_FOLDER.match(name).group('kind', 'key')
+            if self.completion_record(kind, key) is not None:
+                continue
+            lock = self.lock(kind, key)
+            if not lock.try_acquire():          # being produced by a live run
+                continue
+            try:
+                if self.completion_record(kind, key) is None:
+                    remove_entry(self.path(kind, key))
+                    removed.append(name)
+                    print(f'[store] removed the half-written stage {name} left by an interrupted run')
+            finally:
+                lock.release()
+        return removed + remove_abandoned_temporaries(self.root)
+
+    def stored_stages(self) -> List[Dict]:
+        """What the store holds: per stage folder its kind, key, size, dates, recorded settings and state
+        ('stored', 'being produced' when a live run holds its lock, 'half-written' otherwise)."""
+        rows = []
+        for name in self.stage_folders():
+            kind, key = STAGE_FOLDER.match(name).group('kind', 'key')
+            path = self.path(kind, key)
+            record = self.completion_record(kind, key)
+            owner = read_lock_owner(os.path.join(self.root, LOCK_FOLDER, f'{name}.lock'))
+            if record is not None:
+                state = 'stored'
+            elif owner and not owner_is_dead(owner):
+                state = f'being produced by {describe_owner(owner)}'
+            else:
+                state = 'half-written'
+            marker = os.path.join(path, COMPLETE_MARKER)
+            rows.append({'kind': kind, 'key': key, 'path': path, 'bytes': folder_size(path), 'state': state,
+                         'stored': (record or {}).get('completed') or (os.path.getmtime(path) if record is None else None),
+                         'last_used': os.path.getmtime(marker) if record is not None else None,
+                         'settings': (record or {}).get('settings') or {}})
+        return rows
+
+    def remove_unused(self, older_than_days: float) -> List[Dict]:
+        """Remove the stored stages not used for `older_than_days` days (0: every stage no run is using), each
+        under its lock so a stage in use is never removed; returns the removed rows."""
+        cutoff = time.time() - older_than_days * 86400
+        removed = []
+        for row in self.stored_stages():
+            if row['state'] != 'stored' or (row['last_used'] or 0) > cutoff:
+                continue
+            lock = self.lock(row['kind'], row['key'])
+            if not lock.try_acquire():
+                continue
+            try:
+                remove_entry(row['path'])
+                removed.append(row)
+            finally:
+                lock.release()
+        return removed
+
+
+def copy_stage(node: StageNode, target: str) -> str:
+    """Copy a stored stage's model files into the (new or empty) folder `target` (its completion record, metadata and card
+    stay in the store). The copies never share an inode with the store (a copy-on-write clone where the
+    filesystem supports it, else a plain copy), so writing to an exported file cannot change the store.
+    Returns 'reflink' or 'copy'."""
+    how = set()
+
+    def copy(source, destination):
+        how.add(copy_file_unshared(source, destination))
+        return destination
+    shutil.copytree(node.path, target, copy_function=copy, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(COMPLETE_MARKER, META_FILE, 'README.md', WORK_DIR))
+    return 'copy' if 'copy' in how else 'reflink'

@@ -23,8 +23,8 @@ from research_data import positive_class_weights, tokenized_splits
 from research_errors import UsageError
 from research_eval import quality_metrics
 from research_inference import INFO_FILE, save_hf, sigmoid
-from research_models import (linear_weight_roles, load_encoder_for_classification, load_fine_tuned_classifier,
-                             model_inputs)
+from research_models import (check_model_source, linear_weight_roles, load_encoder_for_classification,
+                             load_fine_tuned_classifier, model_inputs)
 from research_vocab import trim_vocabulary
 
 
@@ -220,12 +220,17 @@ def split_record(settings, data) -> Dict:
 
 def validate(args) -> None:
     """Teacher settings that cannot work, and the reporting every training shares (--report_to), refused
-    before any training (a hub model that cannot be fetched is reported by the teacher step, the first thing
-    a run does)."""
+    before any training: no epochs to fine-tune, a model that cannot be loaded (a missing folder, a hub model
+    that cannot be fetched offline), or a --max_length above what the model's position embeddings take (read
+    from its config)."""
     if args.teacher_epochs < 1 and not args.teacher_checkpoint:
         raise UsageError(f'--teacher_epochs must be at least 1 to fine-tune the teacher, got {args.teacher_epochs}. '
                          'To skip teacher training, pass an already fine-tuned classifier with --teacher_checkpoint.')
     check_report_to(args.report_to)
+    if args.teacher_checkpoint:
+        check_model_source(args.teacher_checkpoint, args.max_length, '--teacher_checkpoint')
+    else:
+        check_model_source(args.teacher_path, args.max_length, '--teacher_path')
 
 
 

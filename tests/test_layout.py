@@ -47,7 +47,8 @@ def test_modules_form_a_graph_without_cycles_and_import_at_module_level():
     for module in graph:
         visit(module, [])
     assert sum(len(v) for v in nested.values()) <= 4, nested
-    assert graph['research_stages'] <= {'research_errors'}        # the store knows no domain module
+    assert graph['research_stages'] <= {'research_errors', 'research_files'}   # the store knows no domain module
+    assert graph['research_files'] == set()                                   # file integrity: a leaf
 
 
 def test_pipeline_names_appear_only_in_the_configuration():

@@ -1,0 +1,235 @@
+"""Files the tool can trust: sha256 checksums of a folder's files, temporary names that say which process
+writes them (so the leftovers of a process that died can be recognised and removed), whether a process is
+still running, copies that never share an inode with their source, and removal that never follows a
+symbolic link and never leaves a given folder.
+
+Nothing here knows about models, stages or runs; the stage store, the caches and the output folder use it.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+from typing import Dict, List, Optional, Tuple
+
+TEMPORARY_TAG = '.tmp-'   # <final name>.tmp-<host>-<pid>: written aside, then renamed into place
+_TEMPORARY = re.compile(r'^(?P<final>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)$')
+FICLONE = 0x40049409      # Linux ioctl: copy-on-write clone of a whole file (btrfs, XFS with reflink, bcachefs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a zombie, dead but not yet reaped, counts as dead)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:      # exists, owned by another user
+        return True
+    try:
+        with open(f'/proc/{pid}/stat', encoding='ascii') as fh:
+            return fh.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, IndexError):
+        return True
+
+
+def owner_record() -> Dict:
+    """Who this process is, as written into lock files and completion records."""
+    return {'pid': os.getpid(), 'host': this_host()}
+
+
+def owner_is_dead(record: Optional[Dict]) -> bool:
+    """True only when `record` names a process on this host that no longer runs (another host's process
+    cannot be checked, so it is never declared dead)."""
+    if not record or record.get('host') != this_host():
+        return False
+    try:
+        return not process_is_alive(int(record.get('pid', 0)))
+    except (TypeError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing aside, then renaming
+# ---------------------------------------------------------------------------------------------
+
+def temporary_path(path: str) -> str:
+    """Where to write `path` before renaming it into place: the name says which host and process writes it."""
+    return f'{path}{TEMPORARY_TAG}{this_host()}-{os.getpid()}'
+
+
+def write_json_atomically(path: str, payload) -> None:
+    """Write aside, then rename: an interrupted run never leaves a complete-looking, half-written file."""
+    tmp = temporary_path(path)
+    with open(tmp, 'w', encoding='utf-8') as fh:
+        json.dump(payload, fh, indent=2, ensure_ascii=False, default=str)
+    os.replace(tmp, path)
+
+
+def abandoned_temporary(name: str) -> bool:
+    """Whether `name` is a temporary file or folder of a process on this host that no longer runs."""
+    match = _TEMPORARY.match(name)
+    return bool(match) and owner_is_dead({'host': match['host'], 'pid': match['pid']})
+
+
+def remove_abandoned_temporaries(folder: str) -> List[str]:
+    """Remove the temporaries that dead processes of this host left in `folder`; returns their names."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        if abandoned_temporary(name):
+            remove_entry(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums
+# ---------------------------------------------------------------------------------------------
+
+def sha256_of_file(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as fh:
+        for block in iter(lambda: fh.read(chunk), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_checksums(folder: str, exclude: Tuple[str, ...] = ()) -> Dict[str, Dict]:
+    """{relative path: {'sha256', 'bytes'}} of every file under `folder` (symbolic links not followed),
+    except the top-level names in `exclude`."""
+    sums = {}
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative in exclude or os.path.islink(path):
+                continue
+            sums[relative] = {'sha256': sha256_of_file(path), 'bytes': os.path.getsize(path)}
+    return sums
+
+
+def checksum_problems(folder: str, recorded: Dict[str, Dict]) -> List[str]:
+    """What differs between `folder` and the checksums recorded for it: '<file> is missing' or '<file>
+    changed since it was stored (checksum mismatch)'; empty when every recorded file is intact."""
+    problems = []
+    for relative, expected in sorted(recorded.items()):
+        path = os.path.join(folder, relative)
+        if not os.path.isfile(path) or os.path.islink(path):
+            problems.append(f'{relative} is missing')
+        elif os.path.getsize(path) != expected.get('bytes') or sha256_of_file(path) != expected.get('sha256'):
+            problems.append(f'{relative} changed since it was stored (checksum mismatch)')
+    return problems
+
+
+def folder_size(path: str) -> int:
+    """Bytes of the files under `path` (symbolic links not followed)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                total += os.path.getsize(file)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Copying and removing
+# ---------------------------------------------------------------------------------------------
+
+def copy_file_unshared(source: str, target: str) -> str:
+    """Copy `source` to `target` so that they never share an inode (writing to one never changes the other):
+    a copy-on-write clone (reflink) where the filesystem supports it, else a plain copy. Returns which."""
+    if sys.platform.startswith('linux'):
+        try:
+            import fcntl
+            with open(source, 'rb') as src, open(target, 'wb') as dst:
+                fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+            shutil.copystat(source, target)
+            return 'reflink'
+        except OSError:
+            pass
+    shutil.copy2(source, target)
+    return 'copy'
+
+
+def remove_entry(path: str) -> None:
+    """Remove a file, a symbolic link (the link only, never what it points to) or a folder tree (whose
+    symbolic links are removed as links, never followed)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        with_missing_ok(os.remove, path)
+    else:
+        shutil.rmtree(path)
+
+
+def with_missing_ok(function, path: str) -> None:
+    try:
+        function(path)
+    except FileNotFoundError:
+        pass
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether `path` lies strictly inside `root`, judged on the names (no link resolved)."""
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    return path != root and os.path.commonpath([path, root]) == root
+
+
+def fresh_folder_inside(root: str, target: str) -> List[str]:
+    """Make `target` (inside `root`) an empty real folder: every folder between `root` and `target` is made
+    a real folder (a symbolic link or file in the way is removed itself, never what a link points to), and
+    whatever `target` held is removed. Never touches anything outside `root`. Returns the notes worth
+    printing (links that were replaced)."""
+    if not inside(target, root):
+        raise ValueError(f'{target} is not inside {root}')
+    notes = []
+    current = os.path.abspath(root)
+    for part in os.path.relpath(os.path.abspath(target), current).split(os.sep):
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            notes.append(f"'{current}' was a symbolic link (to {os.readlink(current)}): the link was replaced by a "
+                         'folder; nothing it pointed to was touched')
+            os.remove(current)
+        elif os.path.exists(current) and (current == os.path.abspath(target) or not os.path.isdir(current)):
+            remove_entry(current)
+        os.makedirs(current, exist_ok=True)
+    return notes
+
+
+def folder_problem(path: str) -> Optional[str]:
+    """Why `path` cannot serve as a folder to write into (None when it can): it is a file or a broken link, a
+    file sits where one of its parent folders should be, or nothing can be created there (permissions, a
+    read-only filesystem). Probes by creating and removing an empty folder, never by writing a file."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f'is a broken symbolic link (to {os.readlink(path)})'
+    if os.path.exists(path) and not os.path.isdir(path):
+        return 'is a file, not a folder'
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot be created: '{existing}' is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix='.write-test-', dir=existing))
+    except OSError as exc:
+        return f"cannot be written ({exc.strerror or exc} in '{existing}')"
+    return None
