@@ -5,16 +5,19 @@ each metric; the results JSON/CSV, the ablation table and the model card all rea
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support,
                              roc_auc_score)
 
 from research_data import batches_of, tokenized_splits
+from research_files import write_json_atomically
 from research_inference import OnnxClassifier, TorchClassifier, export_to_onnx, load_compressed_model, sigmoid
 from research_latency import compressed_size_mb, cycle_ratio, intra_op_threads, make_timer, measure_interleaved
 from research_models import weight_names_in_group
@@ -149,9 +152,59 @@ def evaluate_saved_model(classifier, model_dir: str, test_dataset, pruned_layer_
     labels, probs = predict_probabilities(classifier, test_dataset)
     result = quality_metrics(labels, probs, classifier.label_names, threshold)
     result['size_mb'] = size_on_disk_mb(model_dir)
-    result['size_mb_compressed'] = compressed_size_mb(model_dir)
     result.update(weight_statistics(classifier, pruned_layer_names))
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements that only depend on a stored stage's files (verified by checksum on every reuse) and on this
+# machine's runtimes are kept per stage key in <cache_dir>/measurements/<key>.json, so re-running a stored
+# plan does not pay for them again: the zipped size, and the peak memory (keyed by host, runtime versions,
+# batch and length). Quality and latency are measured in every run.
+# ---------------------------------------------------------------------------------------------
+
+MEASUREMENTS_DIR = 'measurements'
+
+
+def runtime_fingerprint(*details) -> str:
+    """This machine and runtime versions (plus `details`): a cached peak memory holds only where they match."""
+    import onnxruntime
+    import transformers
+    return json.dumps([platform.node(), sys.version.split()[0], torch.__version__, onnxruntime.__version__,
+                       transformers.__version__, *details])
+
+
+def cached_measurements(cache_dir: str, stage_key: str, what: str, fingerprint: str) -> Optional[Dict]:
+    """The stored `what` of a stage if it was measured under the same fingerprint (None when absent or damaged)."""
+    try:
+        with open(os.path.join(cache_dir, MEASUREMENTS_DIR, f'{stage_key}.json'), encoding='utf-8') as fh:
+            entry = json.load(fh)[what]
+        return entry['value'] if entry['fingerprint'] == fingerprint and isinstance(entry['value'], dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_measurements(cache_dir: str, stage_key: str, what: str, fingerprint: str, value: Dict) -> None:
+    path = os.path.join(cache_dir, MEASUREMENTS_DIR, f'{stage_key}.json')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(path, encoding='utf-8') as fh:
+            record = json.load(fh)
+        record = record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        record = {}
+    record[what] = {'fingerprint': fingerprint, 'value': value}
+    write_json_atomically(path, record)
+
+
+def zipped_size(model_dir: str, stage_key: str, cache_dir: str) -> Dict:
+    """size_mb_compressed of a stored stage (see research_latency.compressed_size_mb), measured once per key."""
+    fingerprint = json.dumps(['deflate-6'])
+    found = cached_measurements(cache_dir, stage_key, 'zipped_size', fingerprint)
+    if found is None:
+        found = {'size_mb_compressed': compressed_size_mb(model_dir)}
+        store_measurements(cache_dir, stage_key, 'zipped_size', fingerprint, found)
+    return found
 
 
 def add_relative_metrics(stages: List[Dict]) -> List[Dict]:
@@ -167,7 +220,7 @@ def add_relative_metrics(stages: List[Dict]) -> List[Dict]:
     return stages
 
 
-def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], data, settings) -> Dict:
+def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], data, settings, stage_key: str) -> Dict:
     """Every metric of one stored stage but its latency and peak memory, measured on the model loaded back
     from disk (what is reported is what was saved): quality on the test split, size, weights and sparsity,
     vocabulary. Latency is measured for all stages of a run together (`measure_side_by_side`), peak memory in
@@ -178,6 +231,7 @@ def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], data, settings)
     result.update(evaluate_saved_model(classifier, model_dir, test, weight_names_in_group(linear_roles, settings.prune_layers),
                                        settings.threshold))
     result.update(vocabulary_statistics(classifier.tokenizer, [data.texts[i] for i in data.test_idx], settings.max_length))
+    result.update(zipped_size(model_dir, stage_key, settings.cache_dir))
     return result
 
 
@@ -260,12 +314,21 @@ def _latency_batch_for(tokenizer, data, settings) -> dict:
 
 
 def peak_memory_of_stages(model_dirs: Dict[str, str], data, settings) -> Dict[str, Dict]:
-    """Peak memory of every stage ({name: folder}), or the reason it was not measured (--no_peak_memory)."""
+    """Peak memory of every stage ({stage key: folder}), or the reason it was not measured (--no_peak_memory);
+    measured once per stage, machine, runtime versions, batch and length, and then reused."""
     if not settings.measure_peak_memory:
         return {name: {'peak_memory_mb': None, 'peak_memory_model_mb': None,
                        'peak_memory_scope': 'not measured (--no_peak_memory)'} for name in model_dirs}
+    text = data.texts[int(data.test_idx[0])]
     scope = (f'fresh process: runtimes imported, model loaded, one batch of {settings.latency_batch_size} x '
              f'{settings.max_length} tokens predicted')
-    measured = measure_peak_memory(list(model_dirs.values()), settings.latency_batch_size, settings.max_length,
-                                   data.texts[int(data.test_idx[0])])
-    return {name: {**measured[folder], 'peak_memory_scope': scope} for name, folder in model_dirs.items()}
+    fingerprint = runtime_fingerprint(settings.latency_batch_size, settings.max_length, text)
+    results = {key: cached_measurements(settings.cache_dir, key, 'peak_memory', fingerprint) for key in model_dirs}
+    missing = [key for key, found in results.items() if found is None]
+    measured = measure_peak_memory([model_dirs[key] for key in missing], settings.latency_batch_size,
+                                   settings.max_length, text)
+    for key in missing:
+        results[key] = measured[model_dirs[key]]
+        if results[key]['peak_memory_mb'] is not None:
+            store_measurements(settings.cache_dir, key, 'peak_memory', fingerprint, results[key])
+    return {key: {**found, 'peak_memory_scope': scope} for key, found in results.items()}

@@ -80,7 +80,7 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
             parents[node.key] = parent.path if parent else None
             if node.key not in measured:
                 measured[node.key] = {'stage': STAGES[node.kind].name,
-                                      **evaluate_stage(node.path, node.meta['linear_roles'], data, settings),
+                                      **evaluate_stage(node.path, node.meta['linear_roles'], data, settings, node.key),
                                       **node.meta.get('report', {}), 'stage_key': node.key, 'reused': node.reused}
     paths = {node.key: node.path for chain in nodes.values() for node in chain}
     for key, peak in peak_memory_of_stages(paths, data, settings).items():

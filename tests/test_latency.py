@@ -354,3 +354,25 @@ def test_compressed_size_of_folder_without_weights_is_zero(tmp_path):
     assert compressed_size_mb(str(tmp_path)) == 0.0
     with pytest.raises(UsageError):
         compressed_size_mb(str(tmp_path / 'missing'))
+
+
+def test_measurements_of_a_stored_stage_are_kept_per_key_and_fingerprint(tmp_path, monkeypatch):
+    """The zipped size is measured once per stage key and reused; a damaged record or another fingerprint
+    (peak memory on another machine or runtime) is measured again, never trusted."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    import research_eval
+    model_dir = tmp_path / 'stage'
+    model_dir.mkdir()
+    save_file({'w': np.zeros((256, 256), dtype=np.float32)}, str(model_dir / 'model.safetensors'))
+    calls = []
+    real = research_eval.compressed_size_mb
+    monkeypatch.setattr(research_eval, 'compressed_size_mb', lambda d: calls.append(d) or real(d))
+    first = research_eval.zipped_size(str(model_dir), 'abc', str(tmp_path / 'cache'))
+    again = research_eval.zipped_size(str(model_dir), 'abc', str(tmp_path / 'cache'))
+    assert first == again and len(calls) == 1 and 0 < first['size_mb_compressed'] < 0.05
+    (tmp_path / 'cache' / 'measurements' / 'abc.json').write_text('{"zipped_size": ')   # truncated record
+    assert research_eval.zipped_size(str(model_dir), 'abc', str(tmp_path / 'cache')) == first and len(calls) == 2
+    research_eval.store_measurements(str(tmp_path / 'cache'), 'abc', 'peak_memory', 'host-a', {'peak_memory_mb': 1.0})
+    assert research_eval.cached_measurements(str(tmp_path / 'cache'), 'abc', 'peak_memory', 'host-a') == {'peak_memory_mb': 1.0}
+    assert research_eval.cached_measurements(str(tmp_path / 'cache'), 'abc', 'peak_memory', 'host-b') is None
