@@ -19,6 +19,7 @@ import research_pruning
 import research_quantization
 import research_training
 from research_data import load_labeled_csv
+from research_training import validate_trimming
 from research_errors import UsageError
 from research_files import folder_problem
 from research_kd import KD_METHODS
@@ -32,7 +33,7 @@ TOOL_MARKER = 'research_compression'   # config.json of a run of this tool says 
 # these names only, and --overwrite_output_dir replaces these names only (research_report obeys this list).
 TOOL_OUTPUTS = ('config.json', 'run.log', 'results_final.json', 'results_final.csv', 'stage_log.json', 'stages', 'runs',
                 'pipelines', 'ablation_summary.csv', 'ablation_summary.md', 'f1_vs_size.png', 'f1_vs_latency.png',
-                'per_label_f1.png')
+                'per_label_f1.png', 'logs')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +292,10 @@ def build_argument_parser() -> argparse.ArgumentParser:
            help='Training batches (of --batch) that calibrate the activation ranges of --quant_method static.')
 
     evaluation = parser.add_argument_group('evaluation')
-    option(evaluation, '--threshold', type=float, default=0.5, help='Decision threshold on each sigmoid output.')
+    option(evaluation, '--threshold', type=float, default=0.5,
+           help='Decision threshold on each sigmoid output. Not part of a stored stage\'s identity, so a threshold '
+                'sweep reuses the trained stages (their best epoch was picked at the threshold of the run that '
+                'trained them, kept in the stored compression_info.json) and only re-scores and re-exports them.')
     option(evaluation, '--latency_batch_size', type=int, default=1, help='Batch size of the latency measurement.')
     option(evaluation, '--latency_runs', type=int, default=30,
            help='Timed rounds: in each round every stage of the run predicts the latency batch once, in an order '
@@ -446,7 +450,6 @@ def validate_arguments(args: argparse.Namespace) -> None:
         (args.text_column not in args.label_columns, f"--text_column '{args.text_column}' is also in --label_columns; the "
                                                      'text column holds the comments, the label columns their 0/1 labels.'),
         (0.0 < args.threshold < 1.0, f'--threshold must be in (0, 1), got {args.threshold}.'),
-        (args.latency_runs >= 1, f'--latency_runs must be at least 1, got {args.latency_runs}.'),
         (args.latency_threads >= 1, f'--latency_threads must be at least 1, got {args.latency_threads}.'),
         (args.latency_noise_bound > 0, f'--latency_noise_bound must be positive, got {args.latency_noise_bound}.'),
         (args.trim_vocab_min_count >= 1, f'--trim_vocab_min_count must be at least 1, got {args.trim_vocab_min_count}.'),
@@ -465,6 +468,9 @@ def validate_arguments(args: argparse.Namespace) -> None:
         settings = pipeline_settings(args, pipeline, args.seeds[0])
         for kind in PIPELINE_CONFIGS[pipeline].chain:
             STAGES[kind].validate(settings)
+        if 'kd' not in PIPELINE_CONFIGS[pipeline].chain and len(PIPELINE_CONFIGS[pipeline].chain) > 1:
+            # without KD, --trim_vocab trims the teacher entering prune/quant (KD's validate checks its student)
+            validate_trimming(settings, settings.teacher_checkpoint or settings.teacher_path)
 
 
 def stage_flow(settings, pipeline: str) -> List[str]:

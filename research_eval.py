@@ -19,12 +19,11 @@ from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_r
 from research_data import batches_of, tokenized_splits
 from research_files import write_json_atomically
 from research_inference import OnnxClassifier, TorchClassifier, export_to_onnx, load_compressed_model, sigmoid
-from research_latency import compressed_size_mb, cycle_ratio, intra_op_threads, make_timer, measure_interleaved
-from research_models import weight_names_in_group
+from research_latency import (WEIGHT_FILE_SUFFIXES, compressed_size_mb, cycle_ratio, intra_op_threads, make_timer,
+                              measure_interleaved)
+from research_models import folder_fingerprint, weight_names_in_group
 from research_vocab import unknown_token_share
 
-# Files that hold model weights; tokenizer files, configs and cards are not counted in size_mb.
-WEIGHT_FILE_SUFFIXES = ('.safetensors', '.onnx', '.onnx_data', '.bin', '.pt', '.gguf')
 
 
 def quality_metrics(y_true: np.ndarray, probs: np.ndarray, label_names: Sequence[str], threshold: float = 0.5) -> Dict:
@@ -160,7 +159,8 @@ def evaluate_saved_model(classifier, model_dir: str, test_dataset, pruned_layer_
 # Measurements that only depend on a stored stage's files (verified by checksum on every reuse) and on this
 # machine's runtimes are kept per stage key in <cache_dir>/measurements/<key>.json, so re-running a stored
 # plan does not pay for them again: the zipped size, and the peak memory (keyed by host, runtime versions,
-# batch and length). Quality and latency are measured in every run.
+# batch and length), both also keyed by the folder's file names, sizes and times (a rebuilt stage is measured
+# again). Quality and latency are measured in every run.
 # ---------------------------------------------------------------------------------------------
 
 MEASUREMENTS_DIR = 'measurements'
@@ -199,7 +199,7 @@ def store_measurements(cache_dir: str, stage_key: str, what: str, fingerprint: s
 
 def zipped_size(model_dir: str, stage_key: str, cache_dir: str) -> Dict:
     """size_mb_compressed of a stored stage (see research_latency.compressed_size_mb), measured once per key."""
-    fingerprint = json.dumps(['deflate-6'])
+    fingerprint = json.dumps(['deflate-6', folder_fingerprint(model_dir)])   # a rebuilt stage is measured again
     found = cached_measurements(cache_dir, stage_key, 'zipped_size', fingerprint)
     if found is None:
         found = {'size_mb_compressed': compressed_size_mb(model_dir)}
@@ -220,7 +220,8 @@ def add_relative_metrics(stages: List[Dict]) -> List[Dict]:
     return stages
 
 
-def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], data, settings, stage_key: str) -> Dict:
+def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], prune_layers: str, data, settings,
+                   stage_key: str) -> Dict:
     """Every metric of one stored stage but its latency and peak memory, measured on the model loaded back
     from disk (what is reported is what was saved): quality on the test split, size, weights and sparsity,
     vocabulary. Latency is measured for all stages of a run together (`measure_side_by_side`), peak memory in
@@ -228,7 +229,7 @@ def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], data, settings,
     classifier = load_compressed_model(model_dir)
     test = tokenized_splits(data, classifier.tokenizer, settings.max_length, settings.cache_dir).test
     result = {}
-    result.update(evaluate_saved_model(classifier, model_dir, test, weight_names_in_group(linear_roles, settings.prune_layers),
+    result.update(evaluate_saved_model(classifier, model_dir, test, weight_names_in_group(linear_roles, prune_layers),
                                        settings.threshold))
     result.update(vocabulary_statistics(classifier.tokenizer, [data.texts[i] for i in data.test_idx], settings.max_length))
     result.update(zipped_size(model_dir, stage_key, settings.cache_dir))
@@ -322,13 +323,14 @@ def peak_memory_of_stages(model_dirs: Dict[str, str], data, settings) -> Dict[st
     text = data.texts[int(data.test_idx[0])]
     scope = (f'fresh process: runtimes imported, model loaded, one batch of {settings.latency_batch_size} x '
              f'{settings.max_length} tokens predicted')
-    fingerprint = runtime_fingerprint(settings.latency_batch_size, settings.max_length, text)
-    results = {key: cached_measurements(settings.cache_dir, key, 'peak_memory', fingerprint) for key in model_dirs}
+    fingerprints = {key: runtime_fingerprint(settings.latency_batch_size, settings.max_length, text,
+                                             folder_fingerprint(folder)) for key, folder in model_dirs.items()}
+    results = {key: cached_measurements(settings.cache_dir, key, 'peak_memory', fingerprints[key]) for key in model_dirs}
     missing = [key for key, found in results.items() if found is None]
     measured = measure_peak_memory([model_dirs[key] for key in missing], settings.latency_batch_size,
                                    settings.max_length, text)
     for key in missing:
         results[key] = measured[model_dirs[key]]
         if results[key]['peak_memory_mb'] is not None:
-            store_measurements(settings.cache_dir, key, 'peak_memory', fingerprint, results[key])
+            store_measurements(settings.cache_dir, key, 'peak_memory', fingerprints[key], results[key])
     return {key: {**found, 'peak_memory_scope': scope} for key, found in results.items()}

@@ -31,7 +31,7 @@ from research_inference import load_trainable_model, save_hf
 from research_models import (check_model_source, configured_depth, linear_weight_roles, load_encoder_for_classification,
                              load_tokenizer, model_inputs, weights_fingerprint)
 from research_training import (MultiLabelTrainer, make_trainer, run_training, stage_info, training_pos_weight,
-                               trim_vocabulary_if_asked)
+                               trim_vocabulary_if_asked, validate_trimming)
 
 # Columns that carry the teacher's own tokenization through the student's training set (different tokenizers).
 TEACHER_TOKEN_PREFIX = 'teacher_'
@@ -270,6 +270,12 @@ def validate(args) -> None:
         parse_layer_map(args.kd_layer_map)
         if depth_T is not None and depth_S is not None:
             check_layer_map_range(args.kd_layer_map, depth_S, depth_T)
+    validate_trimming(args, args.teacher_checkpoint or args.teacher_path if args.student_layers else args.student_path)
+    if args.trim_vocab and args.trim_vocab_min_count > 1 and 'attention' in method_features(args.kd_method):
+        raise UsageError(f'--kd_method {args.kd_method} compares attention maps token by token, but with '
+                         f'--trim_vocab_min_count {args.trim_vocab_min_count} the student reads rare training words as '
+                         'the unknown token, so its token positions no longer line up with the teacher\'s. Use '
+                         '--trim_vocab_min_count 1 (every training token kept), or --kd_method logit or hidden.')
     if 'attention' in method_features(args.kd_method) and not args.student_layers:
         try:
             tokenizers = load_tokenizer(args.student_path), load_tokenizer(args.teacher_checkpoint or args.teacher_path)

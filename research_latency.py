@@ -37,8 +37,7 @@ import numpy as np
 
 from research_errors import UsageError
 
-# Files that hold model weights (the same list as research_eval.WEIGHT_FILE_SUFFIXES, so the zipped size
-# covers exactly the files that size_on_disk_mb counts).
+# Files that hold model weights: what research_eval.size_on_disk_mb counts and compressed_size_mb zips.
 WEIGHT_FILE_SUFFIXES = ('.safetensors', '.onnx', '.onnx_data', '.bin', '.pt', '.gguf')
 
 # The one compression method of compressed_size_mb: zip, DEFLATE, level 6 (zip's and gzip's default).

@@ -8,6 +8,7 @@ stage side by side -> write results, exported models, summary and plots.
     python research_main.py --cache_report --cache_dir ./cache
 """
 
+import contextlib
 import copy
 import os
 import sys
@@ -80,7 +81,9 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
             parents[node.key] = parent.path if parent else None
             if node.key not in measured:
                 measured[node.key] = {'stage': STAGES[node.kind].name,
-                                      **evaluate_stage(node.path, node.meta['linear_roles'], data, settings, node.key),
+                                      **evaluate_stage(node.path, node.meta['linear_roles'],
+                                                       node.meta.get('prune_layers') or settings.prune_layers, data,
+                                                       settings, node.key),
                                       **node.meta.get('report', {}), 'stage_key': node.key, 'reused': node.reused}
     paths = {node.key: node.path for chain in nodes.values() for node in chain}
     for key, peak in peak_memory_of_stages(paths, data, settings).items():
@@ -149,6 +152,18 @@ def write_outputs(args, pipelines: List[str], runs: List[Run], events: List[Dict
     print('\n' + open(os.path.join(args.output_dir, 'ablation_summary.md'), encoding='utf-8').read())
 
 
+@contextlib.contextmanager
+def usage_errors_logged():
+    """A refusal in the middle of a run (e.g. a hub model that cannot be fetched) is printed while run.log
+    still records, so the log says why the run stopped."""
+    try:
+        yield
+    except UsageError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        exc.logged = True
+        raise
+
+
 def main(args_list: Optional[List[str]] = None) -> int:
     try:
         # Arguments, every technique's settings and the CSV: all checked before anything moves or trains
@@ -167,7 +182,7 @@ def main(args_list: Optional[List[str]] = None) -> int:
         # Output folder: a foreign one is refused, an earlier run's own files are archived
         prepare_output_dir(args)
         show_progress_bars(args.progress_bars)
-        with run_log(os.path.join(args.output_dir, RUN_LOG), preamble.getvalue()):
+        with run_log(os.path.join(args.output_dir, RUN_LOG), preamble.getvalue()), usage_errors_logged():
             # Configuration, printed and saved before any long work
             print_compression_config(args, pipelines)
             save_config(args, os.path.join(args.output_dir, CONFIG_JSON), pipelines)
@@ -180,7 +195,8 @@ def main(args_list: Optional[List[str]] = None) -> int:
             print(f'\n[done] {", ".join(pipelines)} in {time.time() - started:.0f} s ({trained} stage(s) run, the rest '
                   f'reused); results in {args.output_dir}')
     except UsageError as exc:
-        print(f'error: {exc}', file=sys.stderr)
+        if not getattr(exc, 'logged', False):
+            print(f'error: {exc}', file=sys.stderr)
         return exc.exit_code
     return 0
 

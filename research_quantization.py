@@ -1,4 +1,4 @@
-"""Quantization: the methods (a registry of small functions), and saving/loading quantized models.
+"""Quantization: the methods (a registry of small functions), `validate(args)` and the quantization step.
 
 Every method has one signature, `(model, tokenizer, model_dir, args, data) -> info`: it writes the
 quantized artifact to `model_dir` (ONNX or safetensors, never pickled code) through one of the formats of
@@ -458,4 +458,5 @@ def step(parent, data, settings, out_dir: str) -> Dict:
     splits = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir)
     quantize_and_save(model, tokenizer, out_dir, settings, splits.train, splits.val, training_pos_weight(data),
                       stage_info(settings, 'quant', data))
-    return {'linear_roles': parent.meta['linear_roles'], 'report': trim_report}
+    return {'linear_roles': parent.meta['linear_roles'], 'prune_layers': parent.meta.get('prune_layers'),
+            'report': trim_report}

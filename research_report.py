@@ -691,9 +691,10 @@ def find_results(paths: Sequence[str]) -> List[str]:
 
 
 def run_config(results_path: str) -> Dict:
-    """The config.json of the run a results file belongs to (the nearest one up the tree)."""
+    """The config.json of the run a results file belongs to (the nearest one up the tree; a multi-seed or
+    multi-fold run keeps its results five folders below it: runs/fold<F>_seed<S>/pipelines/<pipeline>/)."""
     folder = os.path.dirname(os.path.abspath(results_path))
-    for _ in range(4):
+    for _ in range(6):
         candidate = os.path.join(folder, 'config.json')
         if os.path.isfile(candidate):
             with open(candidate, encoding='utf-8') as fh:

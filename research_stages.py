@@ -16,8 +16,9 @@ A store you can trust:
 - a stage folder without a completion record and without a live lock is the leftover of an interrupted
   run, and is removed when the store opens.
 
-What is *measured* (quality, size, latency) is never taken from the store: every stage is loaded back from
-disk and evaluated in the current run, so speed-ups compare measurements taken side by side.
+Quality and latency are never taken from the store: every stage is loaded back from disk and evaluated in
+the current run, so speed-ups compare measurements taken side by side (research_eval keeps only what depends
+on a stage's verified files and this machine alone: its zipped size and peak memory).
 """
 
 import contextlib

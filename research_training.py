@@ -24,8 +24,8 @@ from research_errors import UsageError
 from research_eval import quality_metrics
 from research_inference import INFO_FILE, save_hf, sigmoid
 from research_models import (check_model_source, linear_weight_roles, load_encoder_for_classification,
-                             load_fine_tuned_classifier, model_inputs)
-from research_vocab import trim_vocabulary
+                             load_fine_tuned_classifier, load_tokenizer, model_inputs)
+from research_vocab import check_trimmable, trim_vocabulary
 
 
 class MultiLabelTrainer(Trainer):
@@ -89,6 +89,9 @@ def check_report_to(names: Sequence[str]) -> None:
     """Refuse, before any training, an integration the Trainer does not know or that is not installed."""
     known = ['none', 'all', *INTEGRATION_TO_CALLBACK]
     unknown = [n for n in names if n not in known]
+    if len(names) > 1 and {'none', 'all'} & set(names):
+        raise UsageError(f"--report_to {','.join(names)}: 'none' and 'all' stand alone. Pass --report_to none (no "
+                         "integration), --report_to all (every installed one), or a list of integrations without them.")
     if unknown:
         raise UsageError(f"--report_to {','.join(names)}: unknown integration(s) {', '.join(unknown)}. Choose one or more "
                          f"(comma-separated) of: {', '.join(known)}.")
@@ -181,6 +184,19 @@ def train_classifier(model, tokenizer, train_dataset, val_dataset, pos_weight, s
 
 def training_pos_weight(data) -> np.ndarray:
     return positive_class_weights(data.labels[data.train_idx])
+
+
+def validate_trimming(settings, model_path: str) -> None:
+    """--trim_vocab: the tokenizer of the model to trim (`model_path`) can be rebuilt and holds every
+    --trim_vocab_keep token; checked before any training (skipped when the tokenizer cannot be read now: the
+    stage that loads the model says why)."""
+    if not settings.trim_vocab:
+        return
+    try:
+        tokenizer = load_tokenizer(model_path)
+    except UsageError:
+        return
+    check_trimmable(tokenizer, settings.trim_vocab_keep)
 
 
 def trim_vocabulary_if_asked(model, tokenizer, data, settings):

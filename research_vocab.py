@@ -79,17 +79,11 @@ def trim_vocabulary(model, tokenizer, texts, max_length, min_count=1, keep_token
     the trimmed vocabulary is long enough (RoBERTa derives position ids from the pad id, and XLM-R's
     tokenizer class hard-codes the unk id 3 when it reloads).
     """
-    _require_fast(tokenizer)
+    check_trimmable(tokenizer, keep_tokens)
     if int(min_count) < 1:
         raise UsageError(f'--trim_vocab_min_count must be at least 1 (got {min_count}).')
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     kind = spec['model'].get('type')
-    if kind not in SUPPORTED_MODELS:
-        raise UsageError(
-            f'Vocabulary trimming supports WordPiece, Unigram (SentencePiece) and BPE tokenizers, but this '
-            f'tokenizer ({type(tokenizer).__name__}) uses a {kind} model, for which this tool does not know which '
-            f'tokens the algorithm needs to keep its output unchanged. Use a model whose tokenizer is one of '
-            f'these kinds, or drop --trim_vocab.')
     embeddings = model.get_input_embeddings()
     rows_before = embeddings.weight.shape[0]
     vocab = tokenizer.get_vocab()
@@ -139,6 +133,20 @@ def trim_vocabulary(model, tokenizer, texts, max_length, min_count=1, keep_token
         'note': _COST_NOTES['byte-level BPE' if byte_level else kind],
     }
     return model, new_tokenizer, report
+
+
+def check_trimmable(tokenizer, keep_tokens=()) -> None:
+    """Refuse, before any work, a tokenizer this module cannot rebuild (slow, or neither WordPiece, Unigram
+    nor BPE) and `keep_tokens` that are not in its vocabulary."""
+    _require_fast(tokenizer)
+    kind = json.loads(tokenizer.backend_tokenizer.to_str())['model'].get('type')
+    if kind not in SUPPORTED_MODELS:
+        raise UsageError(
+            f'Vocabulary trimming supports WordPiece, Unigram (SentencePiece) and BPE tokenizers, but this '
+            f'tokenizer ({type(tokenizer).__name__}) uses a {kind} model, for which this tool does not know which '
+            f'tokens the algorithm needs to keep its output unchanged. Use a model whose tokenizer is one of '
+            f'these kinds, or drop --trim_vocab.')
+    _ids_of_tokens(tokenizer.get_vocab(), list(keep_tokens))
 
 
 def _require_fast(tokenizer):

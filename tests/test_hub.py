@@ -74,9 +74,13 @@ def test_report_to_refuses_an_unknown_or_missing_integration_before_anything(tmp
     assert 'tensorbored' in err and 'tensorboard' in err.split('Choose', 1)[1] and 'wandb' in err
     monkeypatch.setattr(research_training, 'get_available_reporting_integrations', lambda: [])
     argv = fast_args(tmp_path / 'out', pipeline='kd_only', teacher_path=tiny_teacher_dir, student_layers=2,
-                     cache_dir=tmp_path / 'cache', report_to='none,wandb')
+                     cache_dir=tmp_path / 'cache', report_to='wandb')
     assert run_cli(argv) == 2
     assert 'pip install wandb' in capsys.readouterr().err
+    argv = fast_args(tmp_path / 'out', pipeline='kd_only', teacher_path=tiny_teacher_dir, student_layers=2,
+                     cache_dir=tmp_path / 'cache', report_to='none,tensorboard')   # Trainer would raise on it
+    assert run_cli(argv) == 2
+    assert "'none' and 'all' stand alone" in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
 
 

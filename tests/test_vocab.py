@@ -328,3 +328,19 @@ def test_trim_vocab_trims_the_teacher_entering_quantization_without_kd(tmp_path,
     with open(tmp_path / 'out' / 'results_final.json', encoding='utf-8') as fh:
         baseline, quant = json.load(fh)['stages']
     assert quant['vocab_size_before'] == baseline['vocab_size'] > quant['vocab_size'] == quant['vocab_size_after']
+
+
+def test_trimming_problems_are_refused_before_any_training(tmp_path, capsys, tiny_teacher_dir, monkeypatch):
+    import transformers
+    from conftest import fast_args, run_cli
+
+    def no_training(*args, **kwargs):
+        raise AssertionError('a model was trained before the trimming settings were checked')
+    monkeypatch.setattr(transformers.Trainer, 'train', no_training)
+    cases = [({'trim_vocab_keep': 'not-a-token-xyz'}, 'not in the vocabulary'),
+             ({'trim_vocab_min_count': 2, 'kd_method': 'multi_level'}, '--trim_vocab_min_count 2')]
+    for i, (extra, expected) in enumerate(cases):
+        code = run_cli(fast_args(tmp_path / f'out{i}', pipeline='kd_prune_quant', teacher_path=tiny_teacher_dir,
+                                 student_layers=2, trim_vocab=True, cache_dir=tmp_path / 'cache', **extra))
+        assert code == 2 and expected in capsys.readouterr().err
+        assert not (tmp_path / f'out{i}').exists()
