@@ -344,8 +344,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
            help='Print what --cache_dir holds (per stored stage: kind, key, size, when stored and last used, the '
                 'settings that made it; the tokenization and teacher-logit caches; disk use) and exit.')
     option(store, '--cache_prune_older_than', type=float, default=None, metavar='DAYS',
-           help='Remove the stored stages and caches in --cache_dir not used for DAYS days (0: all that no '
-                'running run holds), and the leftovers of interrupted runs, then exit.')
+           help='Remove the stored stages and caches in --cache_dir not used for DAYS days (0: all but the stages '
+                'a run is producing right now; do not prune a cache that a running run is still evaluating from), '
+                'and the leftovers of interrupted runs, then exit.')
     return parser
 
 
