@@ -441,7 +441,15 @@ class StudentWithProjections(torch.nn.Module):
         return self.student.config
 
     def forward(self, **inputs):
-        return self.student(**inputs)
+        """The student's outputs; with hidden states asked for, also each projected layer
+        (`projected_hidden_states`: layer -> W·h), computed here so that under DDP the projections are part of
+        the forward pass that DDP watches (their gradients are all-reduced like the student's)."""
+        outputs = self.student(**inputs)
+        hidden = getattr(outputs, 'hidden_states', None)
+        if len(self.projections) and hidden is not None:
+            outputs['projected_hidden_states'] = {
+                layer: projection(hidden_state_of_layer(outputs, int(layer))) for layer, projection in self.projections.items()}
+        return outputs
 
 
 class DistillationTrainer(MultiLabelTrainer):
@@ -523,9 +531,13 @@ class DistillationTrainer(MultiLabelTrainer):
             return self.teacher(**teacher_inputs, **self.output_flags())
 
     def student_feature(self, match: FeatureMatch, outputs) -> torch.Tensor:
+        layer = str(match.layer_S)
+        if match.feature == 'hidden' and layer in (getattr(outputs, 'projected_hidden_states', None) or {}):
+            return outputs.projected_hidden_states[layer]     # W·h, made in the model's forward (DDP sees it)
         feature = FEATURES[match.feature][0](outputs, match.layer_S)
-        projection = self.projections[str(match.layer_S)] if match.feature == 'hidden' and str(match.layer_S) in self.projections else None
-        return feature if projection is None else projection(feature)
+        if match.feature == 'hidden' and layer in self.projections:   # outputs that did not come from that forward
+            return self.projections[layer](feature)
+        return feature
 
     def feature_terms(self, outputs_S, outputs_T, student_mask) -> Dict[str, torch.Tensor]:
         """Weighted intermediate-layer losses summed per feature ('hidden', 'attention')."""
