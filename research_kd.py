@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from research_data import batches_of, tokenized_splits, tokenizer_fingerprint
+from research_distributed import main_process_first
 from research_errors import UsageError
 from research_files import remove_entry, temporary_path
 from research_inference import load_trainable_model, save_hf
 from research_models import (check_model_source, configured_depth, linear_weight_roles, load_encoder_for_classification,
                              load_tokenizer, model_inputs, weights_fingerprint)
 from research_training import (MultiLabelTrainer, make_trainer, run_training, stage_info, training_pos_weight,
-                               trim_vocabulary_if_asked)
+                               trim_vocabulary_if_asked, work_folder)
 
 # Columns that carry the teacher's own tokenization through the student's training set (different tokenizers).
 TEACHER_TOKEN_PREFIX = 'teacher_'
@@ -633,8 +634,9 @@ def distill_student(student, student_tokenizer, student_splits, teacher, teacher
     train = student_splits.train
     trainer_kwargs = dict(kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, matches=matches)
     if not matches:
-        logits, _ = cached_teacher_logits(teacher, teacher_tokenizer, teacher_splits.train, data, args.max_length,
-                                          args.cache_dir)
+        with main_process_first():   # trained by several processes: computed once (main), read by the others
+            logits, _ = cached_teacher_logits(teacher, teacher_tokenizer, teacher_splits.train, data, args.max_length,
+                                              args.cache_dir)
         train = train.add_column(TEACHER_LOGITS_COLUMN, logits.tolist())
     else:
         trainer_kwargs.update(teacher=teacher, tokens_aligned=aligned)
@@ -646,6 +648,11 @@ def distill_student(student, student_tokenizer, student_splits, teacher, teacher
                            callbacks=callbacks, training_overrides={'remove_unused_columns': False}, **trainer_kwargs)
     run_training(trainer, work_dir)
     return trainer.student, trainer
+
+
+def trains(settings) -> bool:
+    """Distillation always trains (every process of a data-parallel run takes part)."""
+    return True
 
 
 def step(parent, data, settings, out_dir: str) -> Dict:
@@ -663,6 +670,6 @@ def step(parent, data, settings, out_dir: str) -> Dict:
     teacher_splits = tokenized_splits(data, teacher_tokenizer, settings.max_length, settings.cache_dir)
     student_splits = tokenized_splits(data, student_tokenizer, settings.max_length, settings.cache_dir)
     student, _ = distill_student(student, student_tokenizer, student_splits, teacher_model, teacher_tokenizer,
-                                 teacher_splits, data, training_pos_weight(data), settings, os.path.join(out_dir, 'work'))
+                                 teacher_splits, data, training_pos_weight(data), settings, work_folder(settings, out_dir))
     save_hf(out_dir, student, student_tokenizer, stage_info(settings, 'kd', data))
     return {'linear_roles': linear_weight_roles(student), 'report': trim_report}
