@@ -52,6 +52,21 @@ def test_torchrun_with_two_processes_runs_kd_prune_quant_once(tmp_path, tiny_tea
         log = fh.read()
     assert 'Parallel: 2 processes (DDP)' in log
 
+    # A second run on the same store: the stored teacher is reused by every process; structured pruning (scored
+    # by each process alike) and QAT are trained by both processes together
+    second = fast_args(tmp_path / 'second', pipeline='prune_quant', prune_method='structured', quant_method='qat',
+                       calibration_samples=32, teacher_path=tiny_teacher_dir, cache_dir=cache, teacher_epochs=1,
+                       fine_tune_epochs=1, no_progress_bars=True)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           os.path.join(ROOT, 'research_main.py'), *second],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    with open(tmp_path / 'second' / 'stage_log.json', encoding='utf-8') as fh:
+        assert [(e['kind'], e['reused']) for e in json.load(fh)] == [('teacher', True), ('prune', False), ('quant', False)]
+    with open(tmp_path / 'second' / 'results_final.json', encoding='utf-8') as fh:
+        pruned = json.load(fh)['stages'][1]
+    assert pruned['params_total'] < pruned['params_total_before_pruning']
+
     # The final model loads and predicts
     from research_inference import load_compressed_model
     predictions = load_compressed_model(str(out / 'stages' / 'quant')).predict(['তুই একটা বেয়াদব'])
