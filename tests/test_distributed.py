@@ -208,3 +208,45 @@ def test_an_interrupted_teacher_fine_tune_resumes_at_epoch_2_exactly(tmp_path, t
     straight = load_file(str(tmp_path / 'uninterrupted' / 'stages' / 'baseline' / 'model.safetensors'))
     assert resumed.keys() == straight.keys()
     assert all(np.allclose(resumed[k], straight[k], atol=1e-6) for k in resumed)
+
+
+def test_an_interrupted_distillation_resumes_with_its_projections(tmp_path, teacher_checkpoint, tiny_student_dir,
+                                                                  monkeypatch, capsys):
+    """KD trains StudentWithProjections (not a PreTrainedModel; a narrower student gets hidden-state projections):
+    its checkpoint, optimizer included, resumes too."""
+    import research_kd
+    original, begins, interrupt, captured = research_kd.make_trainer, [], [True], []
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            begins.append((state.epoch or 0.0, state.global_step))
+
+        def on_save(self, args, state, control, **kwargs):
+            if interrupt[0] and state.epoch >= 1:
+                (checkpoint,) = glob.glob(os.path.join(args.output_dir, 'checkpoint-*'))
+                captured.append(load_file(os.path.join(checkpoint, 'model.safetensors')))
+                raise Interrupted(f'killed after epoch {state.epoch:g}')
+
+    def make_trainer(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(Probe())
+        return trainer
+    monkeypatch.setattr(research_kd, 'make_trainer', make_trainer)
+
+    def run(name, cache):
+        return run_cli(fast_args(tmp_path / name, pipeline='kd_only', teacher_checkpoint=teacher_checkpoint,
+                                 student_path=tiny_student_dir, kd_method='hidden', cache_dir=tmp_path / cache, epochs=2,
+                                 early_stopping_patience=5))
+
+    with pytest.raises(Interrupted):
+        run('out', 'cache')
+    interrupt[0] = False
+    assert run('out', 'cache') == 0
+    assert '[train] resuming an interrupted attempt from' in capsys.readouterr().out
+    assert begins[-1][0] == 1.0 and begins[-1][1] > 0
+    (checkpoint_state,) = [c for c in captured if c]
+    assert any(k.startswith('projections.') for k in checkpoint_state)      # the projections were checkpointed
+    assert run('uninterrupted', 'cache2') == 0
+    resumed = load_file(str(tmp_path / 'out' / 'stages' / 'kd' / 'model.safetensors'))
+    straight = load_file(str(tmp_path / 'uninterrupted' / 'stages' / 'kd' / 'model.safetensors'))
+    assert all(np.allclose(resumed[k], straight[k], atol=1e-6) for k in resumed)
