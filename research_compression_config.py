@@ -19,13 +19,14 @@ import research_pruning
 import research_quantization
 import research_training
 from research_data import load_labeled_csv
-from research_training import validate_trimming
+from research_distributed import check_launch, launched_processes
 from research_errors import UsageError
 from research_files import folder_problem
 from research_kd import KD_METHODS
 from research_models import PRUNE_LAYER_GROUPS, folder_fingerprint
 from research_pruning import PRUNE_METHODS, PRUNE_SCHEDULES
 from research_quantization import QUANT_DTYPES, QUANT_METHODS, resolve_quant_dtype
+from research_training import validate_trimming
 
 LABEL_COLUMNS = ['bully', 'sexual', 'religious', 'threat', 'spam']
 TOOL_MARKER = 'research_compression'   # config.json of a run of this tool says so (the archive relies on it)
@@ -43,11 +44,14 @@ TOOL_OUTPUTS = ('config.json', 'run.log', 'results_final.json', 'results_final.c
 @dataclass(frozen=True)
 class StageKind:
     """One kind of stage: its name in the results, the step that produces it from its parent
-    (`step(parent, data, settings, out_dir) -> meta`), the check of its settings, and its flow label."""
+    (`step(parent, data, settings, out_dir) -> meta`), the check of its settings, its flow label, and
+    whether the step trains with given settings (`trains(settings)`: then every process of a data-parallel
+    run takes part; otherwise the main process makes the stage alone)."""
     name: str
     step: Callable
     validate: Callable
     describe: Callable
+    trains: Callable = lambda settings: True
 
 
 def _describe_prune(a) -> str:
@@ -56,11 +60,14 @@ def _describe_prune(a) -> str:
 
 STAGES: Dict[str, StageKind] = {
     'teacher': StageKind('baseline', research_training.step, research_training.validate,
-                         lambda a: 'Teacher' + (' (checkpoint)' if a.teacher_checkpoint else ' (fine-tune)')),
-    'kd': StageKind('kd', research_kd.step, research_kd.validate, lambda a: f'KD[{a.kd_method}] -> Student'),
-    'prune': StageKind('prune', research_pruning.step, research_pruning.validate, _describe_prune),
+                         lambda a: 'Teacher' + (' (checkpoint)' if a.teacher_checkpoint else ' (fine-tune)'),
+                         research_training.trains),
+    'kd': StageKind('kd', research_kd.step, research_kd.validate, lambda a: f'KD[{a.kd_method}] -> Student',
+                    research_kd.trains),
+    'prune': StageKind('prune', research_pruning.step, research_pruning.validate, _describe_prune,
+                       research_pruning.trains),
     'quant': StageKind('quant', research_quantization.step, research_quantization.validate,
-                       lambda a: f'Quantize[{a.quant_method}]'),
+                       lambda a: f'Quantize[{a.quant_method}]', research_quantization.trains),
 }
 
 
@@ -159,8 +166,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
            help="Repeat the run/ablation with each training seed, e.g. '42,43,44', and report mean +- std. "
                 'The split stays the one chosen by --seed, so every repetition is scored on the same test rows.')
     option(pipe, '--no_reuse_stages', action='store_false', dest='reuse_stages',
-           help='Re-run every stage even if an identical one is stored under <cache_dir>/stages '
-                '(without it, stored stages are reused).')
+           help='Re-run every stage even if an identical one is stored under <cache_dir>/stages, and start an '
+                'interrupted training afresh (without it, stored stages are reused and a stage whose training was '
+                "interrupted resumes from its last Trainer checkpoint: weights, optimizer, scheduler, RNG).")
     option(pipe, '--progress_bars', action='store_true', default=True,
            help='Show training progress bars (on unless --no_progress_bars).')
     option(pipe, '--no_progress_bars', action='store_false', dest='progress_bars',
@@ -213,7 +221,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
            help='With --trim_vocab: comma-separated tokens to keep whatever their count (as the tokenizer spells them).')
 
     train = parser.add_argument_group('training')
-    option(train, '--batch', type=int, default=32, stages=trained, help='Training batch size per device.')
+    option(train, '--batch', type=int, default=32, stages=trained,
+           help='Training batch size per device (per process under torchrun / accelerate launch: the effective '
+                'batch is this x processes x --gradient_accumulation_steps).')
     option(train, '--lr', type=float, default=2e-5, stages=trained, help='Learning rate of teacher and student training.')
     option(train, '--epochs', type=int, default=15, stages=('kd',), help='Student (KD) epochs.')
     option(train, '--warmup_ratio', type=float, default=0.1, stages=trained, help='Share of the steps with linear warm-up.')
@@ -366,6 +376,9 @@ STAGE_IDENTITY = identity_settings()
 def stage_identity(settings, kind: str) -> Dict:
     """The settings that make up a stage's identity in the store (with the teacher checkpoint's files)."""
     identity = {name: getattr(settings, name) for name in STAGE_IDENTITY[kind]}
+    processes = getattr(settings, 'data_parallel_processes', 1)
+    if processes > 1:   # several processes train with a larger effective batch: another stage (1 adds nothing, so
+        identity['data_parallel_processes'] = processes   # single-process keys stay what they were)
     if kind == 'teacher' and settings.teacher_checkpoint and os.path.isdir(settings.teacher_checkpoint):
         identity['teacher_checkpoint_files'] = folder_fingerprint(settings.teacher_checkpoint)
     return identity
@@ -419,6 +432,10 @@ def parse_compression_arguments(args_list: Optional[List[str]] = None) -> argpar
     args.train_seed = args.seeds[0]   # per-seed settings are copies with their own train_seed (pipeline_settings)
     args.quant_dtype_requested = args.quant_dtype
     args.quant_dtype = resolve_quant_dtype(args.quant_method, args.quant_dtype)
+    # torchrun / accelerate launch: each process trains on its share of every batch (effective batch = --batch
+    # x processes x --gradient_accumulation_steps)
+    args.data_parallel_processes = launched_processes()
+    check_launch()          # several GPUs under plain python: refused, with the torchrun line
     validate_arguments(args)
     return args
 
@@ -500,6 +517,9 @@ def print_compression_config(args: argparse.Namespace, pipelines: Sequence[str])
     print(f'Data:     {args.dataset_path}  text={args.text_column}  labels={",".join(args.label_columns)}')
     print(f'          folds={args.num_folds} eval_fold={args.eval_fold} fraction={args.data_fraction} '
           f'max_length={args.max_length} seed={args.seed}')
+    if getattr(args, 'data_parallel_processes', 1) > 1:
+        print(f'Parallel: {args.data_parallel_processes} processes (DDP), effective batch {args.batch} x '
+              f'{args.data_parallel_processes} x {args.gradient_accumulation_steps} accumulation step(s)')
     print(f'Teacher:  {args.teacher_checkpoint or args.teacher_path}'
           + ('  (checkpoint: skip training)' if args.teacher_checkpoint else f'  epochs={args.teacher_epochs}'))
     if uses['enable_kd']:

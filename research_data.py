@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from research_distributed import main_process_first
 from research_errors import UsageError
 from research_files import checksum_problems, folder_checksums, remove_entry, temporary_path, write_json_atomically
 
@@ -330,7 +331,8 @@ class TokenizedSplits:
 
 
 def tokenized_splits(data: PreparedData, tokenizer, max_length: int, cache_dir: Optional[str]) -> TokenizedSplits:
-    corpus = tokenize_corpus(data, tokenizer, max_length, cache_dir)
+    with main_process_first():   # in a stage trained by several processes: the main one builds the cache
+        corpus = tokenize_corpus(data, tokenizer, max_length, cache_dir)
     # Index mappings kept in memory: nothing is written into the cache folder after its checksums.
     return TokenizedSplits(*(corpus.select(idx, keep_in_memory=True) for idx in (data.train_idx, data.val_idx, data.test_idx)))
 

@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from research_data import batches_of, tokenized_splits, tokenizer_fingerprint
+from research_distributed import main_process_first
 from research_errors import UsageError
 from research_files import remove_entry, temporary_path
 from research_inference import load_trainable_model, save_hf
 from research_models import (check_model_source, configured_depth, linear_weight_roles, load_encoder_for_classification,
                              load_tokenizer, model_inputs, weights_fingerprint)
 from research_training import (MultiLabelTrainer, make_trainer, run_training, stage_info, training_pos_weight,
-                               trim_vocabulary_if_asked, validate_trimming)
+                               trim_vocabulary_if_asked, validate_trimming, work_folder)
 
 # Columns that carry the teacher's own tokenization through the student's training set (different tokenizers).
 TEACHER_TOKEN_PREFIX = 'teacher_'
@@ -447,7 +448,15 @@ class StudentWithProjections(torch.nn.Module):
         return self.student.config
 
     def forward(self, **inputs):
-        return self.student(**inputs)
+        """The student's outputs; with hidden states asked for, also each projected layer
+        (`projected_hidden_states`: layer -> W·h), computed here so that under DDP the projections are part of
+        the forward pass that DDP watches (their gradients are all-reduced like the student's)."""
+        outputs = self.student(**inputs)
+        hidden = getattr(outputs, 'hidden_states', None)
+        if len(self.projections) and hidden is not None:
+            outputs['projected_hidden_states'] = {
+                layer: projection(hidden_state_of_layer(outputs, int(layer))) for layer, projection in self.projections.items()}
+        return outputs
 
 
 class DistillationTrainer(MultiLabelTrainer):
@@ -529,9 +538,13 @@ class DistillationTrainer(MultiLabelTrainer):
             return self.teacher(**teacher_inputs, **self.output_flags())
 
     def student_feature(self, match: FeatureMatch, outputs) -> torch.Tensor:
+        layer = str(match.layer_S)
+        if match.feature == 'hidden' and layer in (getattr(outputs, 'projected_hidden_states', None) or {}):
+            return outputs.projected_hidden_states[layer]     # W·h, made in the model's forward (DDP sees it)
         feature = FEATURES[match.feature][0](outputs, match.layer_S)
-        projection = self.projections[str(match.layer_S)] if match.feature == 'hidden' and str(match.layer_S) in self.projections else None
-        return feature if projection is None else projection(feature)
+        if match.feature == 'hidden' and layer in self.projections:   # outputs that did not come from that forward
+            return self.projections[layer](feature)
+        return feature
 
     def feature_terms(self, outputs_S, outputs_T, student_mask) -> Dict[str, torch.Tensor]:
         """Weighted intermediate-layer losses summed per feature ('hidden', 'attention')."""
@@ -627,8 +640,9 @@ def distill_student(student, student_tokenizer, student_splits, teacher, teacher
     train = student_splits.train
     trainer_kwargs = dict(kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, matches=matches)
     if not matches:
-        logits, _ = cached_teacher_logits(teacher, teacher_tokenizer, teacher_splits.train, data, args.max_length,
-                                          args.cache_dir)
+        with main_process_first():   # trained by several processes: computed once (main), read by the others
+            logits, _ = cached_teacher_logits(teacher, teacher_tokenizer, teacher_splits.train, data, args.max_length,
+                                              args.cache_dir)
         train = train.add_column(TEACHER_LOGITS_COLUMN, logits.tolist())
     else:
         trainer_kwargs.update(teacher=teacher, tokens_aligned=aligned)
@@ -640,6 +654,11 @@ def distill_student(student, student_tokenizer, student_splits, teacher, teacher
                            callbacks=callbacks, training_overrides={'remove_unused_columns': False}, **trainer_kwargs)
     run_training(trainer, work_dir)
     return trainer.student, trainer
+
+
+def trains(settings) -> bool:
+    """Distillation always trains (every process of a data-parallel run takes part)."""
+    return True
 
 
 def step(parent, data, settings, out_dir: str) -> Dict:
@@ -657,6 +676,6 @@ def step(parent, data, settings, out_dir: str) -> Dict:
     teacher_splits = tokenized_splits(data, teacher_tokenizer, settings.max_length, settings.cache_dir)
     student_splits = tokenized_splits(data, student_tokenizer, settings.max_length, settings.cache_dir)
     student, _ = distill_student(student, student_tokenizer, student_splits, teacher_model, teacher_tokenizer,
-                                 teacher_splits, data, training_pos_weight(data), settings, os.path.join(out_dir, 'work'))
+                                 teacher_splits, data, training_pos_weight(data), settings, work_folder(settings, out_dir))
     save_hf(out_dir, student, student_tokenizer, stage_info(settings, 'kd', data))
     return {'linear_roles': linear_weight_roles(student), 'report': trim_report}

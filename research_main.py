@@ -6,20 +6,32 @@ stage side by side -> write results, exported models, summary and plots.
     python research_main.py --pipeline kd_prune_quant --dataset_path data.csv --author_name me ...
     python research_main.py --run_ablation --seeds 42,43,44 --dataset_path data.csv --author_name me ...
     python research_main.py --cache_report --cache_dir ./cache
+    torchrun --standalone --nproc_per_node 2 research_main.py --pipeline kd_prune_quant ...   # data-parallel
+
+Under torchrun / accelerate launch every process runs the same plan: the main process (rank 0) alone prepares
+the output folder, decides from the stage store what must be produced, writes and measures; a stage that
+trains is trained by all processes together (the Trainer's DDP), one that does not by the main process
+while the others wait; then all continue from the main process's stored stage.
 """
 
 import contextlib
 import copy
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
+
+from transformers import set_seed
+from transformers.utils import logging as transformers_logging
 
 from research_compression_config import (PIPELINE_CONFIGS, STAGES, parse_compression_arguments, pipeline_settings,
                                          print_compression_config, requested_pipelines, save_config, stage_identity,
                                          store_maintenance)
 from research_data import prepare_data
+from research_distributed import (all_processes, broadcast, finish, is_distributed, is_main_process, main_process_first,
+                                  start)
 from research_errors import UsageError
 from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, peak_memory_of_stages
 from research_files import remove_abandoned_temporaries
@@ -27,7 +39,8 @@ from research_report import (CONFIG_JSON, RUN_LOG, STAGE_LOG, cache_report, capt
                              final_stage_row, format_stage_table, prepare_output_dir, prune_cache, run_log,
                              show_progress_bars, summarize_runs, write_json_atomically, write_pipeline_results,
                              write_plots, write_summary)
-from research_stages import StageNode, StageStore, stage_key
+from research_stages import WORK_DIR, StageNode, StageStore, stage_key
+from research_training import resumable_checkpoint
 
 
 @dataclass
@@ -49,13 +62,43 @@ def stage_keys(pipeline: str, data, settings) -> List[tuple]:
     return keys
 
 
-def with_log_folder(settings, kind: str, key: str):
+def with_log_folder(settings, kind: str, key: str, work_dir: Optional[str] = None):
     """A stage's settings plus where its training logs go (--report_to): <output_dir>/logs/<stage>-<key>/, outside
-    the stage store, whose work folders are removed; not part of the stage's identity."""
+    the stage store, whose work folders are removed; and where its Trainer checkpoints go (the stage folder's
+    `work/` in the store, the same for every process); neither is part of the stage's identity."""
     named = copy.copy(settings)
     named.log_dir = os.path.join(settings.output_dir, 'logs', f'{STAGES[kind].name}-{key}')
     named.run_name = f'{os.path.basename(os.path.abspath(settings.output_dir))}/{STAGES[kind].name}-{key}'
+    named.work_dir = work_dir
     return named
+
+
+def get_or_run_together(store: StageStore, kind: str, key: str, produce, seed: int, where: str, identity: Dict,
+                        trains: bool) -> StageNode:
+    """A stage in a data-parallel run. The main process alone looks at the store (under the stage's lock) and
+    tells the others what it decided: a stage that trains is produced by every process together (each other
+    process runs the same step into a scratch folder it throws away, its Trainer sharing the main process's
+    checkpoint folder); one that does not train, or is stored, is the main process's alone. Every process
+    returns the main process's stored stage."""
+    if is_main_process():
+        announced = []
+
+        def produce_on_main(folder):
+            if not trains:
+                return produce(folder)
+            broadcast('train')
+            announced.append(True)
+            with all_processes():
+                return produce(folder)
+        node = store.get_or_run(kind, key, produce_on_main, seed, where, identity=identity)
+        if not announced:
+            broadcast('ready')
+        return broadcast(node)
+    if broadcast() == 'train':
+        set_seed(seed)
+        with tempfile.TemporaryDirectory(prefix=f'research-{kind}-{key}-') as scratch, all_processes():
+            produce(scratch)
+    return broadcast()
 
 
 def run_chain(store: StageStore, pipeline: str, data, settings, label: str) -> List[StageNode]:
@@ -63,10 +106,14 @@ def run_chain(store: StageStore, pipeline: str, data, settings, label: str) -> L
     nodes = []
     for kind, key in stage_keys(pipeline, data, settings):
         parent = nodes[-1] if nodes else None
-        produce = lambda folder, kind=kind, key=key, parent=parent: STAGES[kind].step(
-            parent, data, with_log_folder(settings, kind, key), folder)
-        nodes.append(store.get_or_run(kind, key, produce, settings.train_seed, f' ({pipeline}{label})',
-                                      identity=stage_identity(settings, kind)))
+        named = with_log_folder(settings, kind, key, os.path.join(store.path(kind, key), WORK_DIR))
+        produce = lambda folder, kind=kind, named=named, parent=parent: STAGES[kind].step(parent, data, named, folder)
+        where, identity = f' ({pipeline}{label})', stage_identity(settings, kind)
+        if is_distributed():
+            nodes.append(get_or_run_together(store, kind, key, produce, settings.train_seed, where, identity,
+                                             STAGES[kind].trains(named)))
+        else:
+            nodes.append(store.get_or_run(kind, key, produce, settings.train_seed, where, identity=identity))
     return nodes
 
 
@@ -109,9 +156,13 @@ def prepare_folds(args) -> Dict[int, object]:
 
 
 def run_plan(args, pipelines: List[str], folds: Dict[int, object]) -> Tuple[List[Run], List[Dict]]:
-    store = StageStore.in_cache_dir(args.cache_dir, reuse=args.reuse_stages)
-    store.remove_abandoned()                       # half-written stages and temporaries of interrupted runs
-    remove_abandoned_temporaries(args.cache_dir)
+    """Every stage of every fold, seed and pipeline through the store, then measured (main process only; in a
+    data-parallel run the others take part in the training and skip the rest)."""
+    # An interrupted stage's Trainer checkpoints are kept and resumed from (resumable_checkpoint says which)
+    store = StageStore.in_cache_dir(args.cache_dir, reuse=args.reuse_stages, resumable=resumable_checkpoint)
+    if is_main_process():
+        store.remove_abandoned()                   # half-written stages and temporaries of interrupted runs
+        remove_abandoned_temporaries(args.cache_dir)
     runs = []
     for fold, data in folds.items():
         for seed in args.seeds:
@@ -120,6 +171,8 @@ def run_plan(args, pipelines: List[str], folds: Dict[int, object]) -> Tuple[List
             store.plan(key for p in pipelines for _, key in stage_keys(p, data, settings[p]))
             label = f', fold {fold + 1}/{len(folds)}, seed {seed}' if len(folds) * len(args.seeds) > 1 else ''
             nodes = {p: run_chain(store, p, data, settings[p], label) for p in pipelines}
+            if not is_main_process():
+                continue                           # measuring and writing are the main process's
             # Measured after every stage exists, all in this process, so latencies compare side by side.
             runs.append(Run(fold, seed, data, nodes, evaluate_side_by_side(nodes, data, settings[pipelines[0]])))
             for event in store.events[first_event:]:
@@ -170,14 +223,26 @@ def main(args_list: Optional[List[str]] = None) -> int:
         args = parse_compression_arguments(args_list)
         if store_maintenance(args):
             # --cache_prune_older_than / --cache_report: look after --cache_dir, run nothing
-            if args.cache_prune_older_than is not None:
+            if is_main_process() and args.cache_prune_older_than is not None:
                 print(prune_cache(args.cache_dir, args.cache_prune_older_than))
-            if args.cache_report:
+            if is_main_process() and args.cache_report:
                 print(cache_report(args.cache_dir))
             return 0
         pipelines = requested_pipelines(args)
+        start()                                    # torchrun / accelerate launch: join the process group
+        if not is_main_process():
+            # Other processes print nothing (the main process's output is the run's) and write nothing:
+            # they train together with the main process and wait for it
+            show_progress_bars(False)
+            transformers_logging.set_verbosity_error()   # its warnings are the main process's too
+            with open(os.devnull, 'w', encoding='utf-8') as quiet, contextlib.redirect_stdout(quiet):
+                with all_processes(), main_process_first():
+                    folds = prepare_folds(args)
+                run_plan(args, pipelines, folds)
+            finish()
+            return 0
         # The data of every fold, split and checked, still before anything in the output folder moves
-        with captured_output() as preamble:
+        with captured_output() as preamble, all_processes(), main_process_first():
             folds = prepare_folds(args)
         # Output folder: a foreign one is refused, an earlier run's own files are archived
         prepare_output_dir(args)
@@ -194,8 +259,9 @@ def main(args_list: Optional[List[str]] = None) -> int:
             trained = sum(1 for e in events if not e['reused'])
             print(f'\n[done] {", ".join(pipelines)} in {time.time() - started:.0f} s ({trained} stage(s) run, the rest '
                   f'reused); results in {args.output_dir}')
+        finish()                                   # the other processes end with the main one
     except UsageError as exc:
-        if not getattr(exc, 'logged', False):
+        if is_main_process() and not getattr(exc, 'logged', False):
             print(f'error: {exc}', file=sys.stderr)
         return exc.exit_code
     return 0

@@ -30,7 +30,7 @@ from research_eval import macro_f1_of_model
 from research_inference import load_trainable_model, save_hf
 from research_models import (PRUNE_LAYER_GROUPS, EncoderLayer, encoder_layers, is_structurally_pruned,
                              linear_weight_roles, model_inputs, select_linear_layers, shrink_encoder)
-from research_training import stage_info, train_classifier, training_pos_weight, trim_vocabulary_if_asked
+from research_training import stage_info, train_classifier, training_pos_weight, trim_vocabulary_if_asked, work_folder
 
 
 def collect_input_norms(model: nn.Module, layers: Dict[str, nn.Linear], batches: Sequence[dict]) -> Dict[str, torch.Tensor]:
@@ -406,7 +406,7 @@ def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: st
               f'{removed:.2%} removed; validation macro-F1 {report["f1_macro_before_pruning"]:.4f} -> '
               f'{report["f1_macro_after_pruning"]:.4f}')
     report['f1_macro_after_fine_tune'] = None
-    if args.fine_tune_after_prune and args.fine_tune_epochs > 0:
+    if trains(args):
         lr = args.fine_tune_lr if args.fine_tune_lr is not None else args.lr / 2
         model = train_classifier(model, tokenizer, splits.train, splits.val, pos_weight, args, work_dir,
                                  epochs=args.fine_tune_epochs, learning_rate=lr, callbacks=callbacks)
@@ -428,13 +428,19 @@ def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: st
     return model, report
 
 
+def trains(settings) -> bool:
+    """Whether the prune step trains (fine-tuning after pruning; gradual pruning happens in it), so that every
+    process of a data-parallel run takes part."""
+    return bool(settings.fine_tune_after_prune and settings.fine_tune_epochs > 0)
+
+
 def step(parent, data, settings, out_dir: str) -> Dict:
     """Prune the parent stage (teacher or student), fine-tune with masks held, make masks permanent, save."""
     model, tokenizer = load_trainable_model(parent.path)
     model, tokenizer, trim_report = trim_vocabulary_if_asked(model, tokenizer, data, settings)
     splits = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir)
     model, report = prune_and_fine_tune(model, tokenizer, splits, training_pos_weight(data), settings,
-                                        os.path.join(out_dir, 'work'))
+                                        work_folder(settings, out_dir))
     save_hf(out_dir, model, tokenizer, stage_info(settings, 'prune', data))
     return {'linear_roles': linear_weight_roles(model), 'prune_layers': settings.prune_layers,
             'report': {**trim_report, **report}}

@@ -34,7 +34,7 @@ from research_data import batches_of, tokenized_splits
 from research_errors import MethodNotAvailable, UsageError
 from research_inference import ONNX_FILE, export_to_onnx, load_trainable_model, save_bnb4, save_hf, save_onnx
 from research_models import HEAD_MODULES
-from research_training import stage_info, train_classifier, training_pos_weight, trim_vocabulary_if_asked
+from research_training import stage_info, train_classifier, training_pos_weight, trim_vocabulary_if_asked, work_folder
 
 QUANT_DTYPES = ['int8', 'int4', 'nf4', 'fp4', 'fp16', 'bf16']
 # --quant_method -> the --quant_dtype values it accepts; the first is its default.
@@ -296,7 +296,7 @@ def quantization_aware_training_int8(model, tokenizer, model_dir: str, args, dat
     learning_rate = args.fine_tune_lr or args.lr / 2
     print(f'[quant] QAT: fake quantization in {len(wrappers)} Linear layers, {args.fine_tune_epochs} epoch(s) at lr {learning_rate:g}')
     model = train_classifier(model, tokenizer, data.train, data.val, data.pos_weight, args,
-                             os.path.join(model_dir, 'work'), args.fine_tune_epochs, learning_rate)
+                             work_folder(args, model_dir), args.fine_tune_epochs, learning_rate)
     model = model.cpu().eval()
     wrappers = {name: model.get_submodule(name) for name in modules}
     remove_fake_quant(model, wrappers)
@@ -449,6 +449,11 @@ def quantize_and_save(model, tokenizer, model_dir: str, args, train_dataset, val
     `info` in its compression_info.json, to `model_dir`; returns that info."""
     return QUANT_METHODS[args.quant_method](model, tokenizer, model_dir, args,
                                             QuantizationData(train_dataset, val_dataset, pos_weight, dict(info or {})))
+
+
+def trains(settings) -> bool:
+    """Whether the quant step trains (QAT fine-tunes), so that every process of a data-parallel run takes part."""
+    return settings.quant_method == 'qat'
 
 
 def step(parent, data, settings, out_dir: str) -> Dict:

@@ -34,6 +34,7 @@ from research_inference import read_info, set_threshold
 from research_kd import TEACHER_LOGITS_PREFIX
 from research_models import hub_model_id
 from research_stages import STORE_FOLDER, StageStore, copy_stage
+from research_training import resumable_checkpoint
 
 RESULTS_JSON = 'results_final.json'
 RESULTS_CSV = 'results_final.csv'
@@ -635,7 +636,7 @@ def _when(timestamp) -> str:
 def cache_report(cache_dir: str) -> str:
     """What --cache_dir holds: every stage of the store (kind, key, size, when stored and last used, the settings
     that made it) and the tokenization/teacher-logit caches, with the disk use and how to prune."""
-    store = StageStore.in_cache_dir(cache_dir)
+    store = StageStore.in_cache_dir(cache_dir, resumable=resumable_checkpoint)
     stages, caches = store.stored_stages(), cache_entries(cache_dir)
     mb = lambda n: f'{n / 2 ** 20:.1f}'
     lines = [f'Stage store {store.root}: {len(stages)} stage folder(s), {mb(sum(r["bytes"] for r in stages))} MB', '']

@@ -14,7 +14,8 @@ A store you can trust:
   needs a stage another run is producing waits for it and then reuses it; the kernel releases the lock of
   a process that dies, and a lock whose recorded owner is a dead process of this host is taken over;
 - a stage folder without a completion record and without a live lock is the leftover of an interrupted
-  run, and is removed when the store opens.
+  run, and is removed when the store opens; only its `work/` survives when it holds checkpoints the step can
+  resume from (the `resumable` test the run gives the store), so an interrupted training resumes.
 
 Quality and latency are never taken from the store: every stage is loaded back from disk and evaluated in
 the current run, so speed-ups compare measurements taken side by side (research_eval keeps only what depends
@@ -148,16 +149,19 @@ class StageStore:
     match the checksums in it. Within one run each key is produced or loaded once (`nodes`), and every use is
     logged (`events`)."""
 
-    def __init__(self, root: str, reuse: bool = True):
+    def __init__(self, root: str, reuse: bool = True, resumable: Optional[Callable[[str], object]] = None):
         self.root = root
         self.reuse = reuse
+        # resumable(work folder) -> true when an interrupted attempt left checkpoints there that the step can
+        # resume from (the run passes the Trainer's test); such a `work/` survives the cleanup of its stage folder
+        self.resumable = resumable
         self.nodes: Dict[str, StageNode] = {}
         self.events: List[Dict] = []
         self.visited, self.planned = 0, 0
 
     @classmethod
-    def in_cache_dir(cls, cache_dir: str, reuse: bool = True) -> 'StageStore':
-        return cls(os.path.join(cache_dir, STORE_FOLDER), reuse)
+    def in_cache_dir(cls, cache_dir: str, reuse: bool = True, resumable: Optional[Callable[[str], object]] = None) -> 'StageStore':
+        return cls(os.path.join(cache_dir, STORE_FOLDER), reuse, resumable)
 
     def path(self, kind: str, key: str) -> str:
         return os.path.join(self.root, f'{kind}-{key}')
@@ -222,10 +226,28 @@ class StageStore:
 
     # -- writing ------------------------------------------------------------------------------
 
+    def keeps_work(self, path: str) -> bool:
+        """Whether the half-written stage folder `path` holds checkpoints to resume from (kept unless
+        --no_reuse_stages, which starts every stage afresh)."""
+        work = os.path.join(path, WORK_DIR)
+        return bool(self.reuse and self.resumable is not None and os.path.isdir(path) and not os.path.islink(path)
+                    and os.path.isdir(work) and not os.path.islink(work) and self.resumable(work))
+
+    def clear_all_but_work(self, path: str) -> None:
+        for name in os.listdir(path):
+            if name != WORK_DIR:
+                remove_entry(os.path.join(path, name))
+
     def begin(self, kind: str, key: str) -> str:
         """An empty folder for a stage about to be produced (call with its lock held: what is there is the
-        leftover of an interrupted attempt, or a stage that failed its checks)."""
+        leftover of an interrupted attempt, or a stage that failed its checks). The checkpoints an interrupted
+        attempt left in `work/` stay, so the step resumes from them."""
         path = self.path(kind, key)
+        if self.completion_record(kind, key) is None and self.keeps_work(path):
+            print(f'[store] stage {kind}-{key}: an interrupted attempt left Trainer checkpoints in {WORK_DIR}/: '
+                  'resuming from them')
+            self.clear_all_but_work(path)
+            return path
         if os.path.lexists(path):
             if os.path.isdir(path) and os.listdir(path) and self.completion_record(kind, key) is None:
                 print(f'[store] stage {kind}-{key}: discarding the half-written folder of an interrupted attempt')
@@ -301,7 +323,11 @@ class StageStore:
             if not lock.try_acquire():          # being produced by a live run
                 continue
             try:
-                if self.completion_record(kind, key) is None:
+                if self.completion_record(kind, key) is None and self.keeps_work(self.path(kind, key)):
+                    self.clear_all_but_work(self.path(kind, key))
+                    print(f'[store] kept the Trainer checkpoints ({WORK_DIR}/) of the half-written stage {name} left by '
+                          'an interrupted run: the stage resumes from them when a run needs it')
+                elif self.completion_record(kind, key) is None:
                     remove_entry(self.path(kind, key))
                     removed.append(name)
                     print(f'[store] removed the half-written stage {name} left by an interrupted run')
@@ -322,6 +348,8 @@ class StageStore:
                 state = 'stored'
             elif owner and not owner_is_dead(owner):
                 state = f'being produced by {describe_owner(owner)}'
+            elif self.keeps_work(path):
+                state = f'half-written, resumable from its {WORK_DIR}/ checkpoints'
             else:
                 state = 'half-written'
             marker = os.path.join(path, COMPLETE_MARKER)

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, ProgressCallback, Trainer, TrainingArguments
 from transformers.integrations import INTEGRATION_TO_CALLBACK, TensorBoardCallback, get_available_reporting_integrations
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as transformers_logging
 
 from research_data import positive_class_weights, tokenized_splits
+from research_distributed import barrier, in_all_processes, is_distributed, is_main_process
 from research_errors import UsageError
 from research_eval import quality_metrics
 from research_inference import INFO_FILE, save_hf, sigmoid
@@ -121,7 +123,8 @@ def make_training_arguments(settings, output_dir: str, epochs: float, learning_r
         save_strategy='epoch',
         logging_strategy='epoch',
         save_total_limit=1,
-        save_only_model=True,
+        save_only_model=False,   # optimizer, scheduler, RNG states too: an interrupted stage resumes exactly
+        restore_callback_states_from_checkpoint=True,   # ...with its early-stopping counter
         load_best_model_at_end=True,
         metric_for_best_model='f1_macro',
         greater_is_better=True,
@@ -145,6 +148,10 @@ def make_trainer(model, tokenizer, train_dataset, val_dataset, pos_weight, setti
                  training_overrides: Optional[dict] = None, **trainer_kwargs) -> Trainer:
     """A Trainer with early stopping on validation macro-F1 that restores the best epoch's weights; its
     TensorBoard events (--report_to tensorboard) go to `settings.log_dir`, which outlives `work_dir`."""
+    if is_distributed() and not in_all_processes():
+        # DDP needs every process in the training loop; one training alone would wait for the others forever.
+        raise RuntimeError('a stage trains on the main process alone in a data-parallel run: its technique '
+                           "module's trains(settings) must say that it trains")
     trainer = trainer_class(
         model=model,
         args=make_training_arguments(settings, work_dir, epochs, learning_rate, **(training_overrides or {})),
@@ -165,12 +172,51 @@ def make_trainer(model, tokenizer, train_dataset, val_dataset, pos_weight, setti
     return trainer
 
 
+TRAINER_STATE_FILE = 'trainer_state.json'   # written last into a checkpoint by the Trainer
+OPTIMIZER_FILE = 'optimizer.pt'
+
+
+def work_folder(settings, out_dir: str) -> str:
+    """Where a stage's Trainer keeps its checkpoints: `settings.work_dir` when the run sets it (the stage
+    folder's `work/` in the store, shared by every process of a data-parallel run), else `<out_dir>/work`."""
+    return getattr(settings, 'work_dir', None) or os.path.join(out_dir, 'work')
+
+
+def resumable_checkpoint(work_dir: str) -> Optional[str]:
+    """The newest complete Trainer checkpoint in `work_dir` (its trainer_state.json, written last, and the
+    optimizer's state exist), or None. An interrupted attempt of this very stage left it: the store keeps the
+    `work/` of a stage folder that no run finished (same key = same settings, parent and data)."""
+    if not os.path.isdir(work_dir):
+        return None
+    steps = []
+    for name in os.listdir(work_dir):
+        number = name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if name.startswith(PREFIX_CHECKPOINT_DIR + '-') and number.isdigit():
+            steps.append((int(number), os.path.join(work_dir, name)))
+    for _, path in sorted(steps, reverse=True):
+        # with the optimizer's state too: weights alone (an older version's checkpoint) are no honest resume
+        if all(os.path.isfile(os.path.join(path, name)) for name in (TRAINER_STATE_FILE, OPTIMIZER_FILE)):
+            return path
+    return None
+
+
 def run_training(trainer: Trainer, work_dir: str):
-    """Train, report the restored best epoch, remove the checkpoints; returns the trained model."""
-    trainer.train()
+    """Train (resuming from the last checkpoint an interrupted attempt left in `work_dir`: weights, optimizer,
+    scheduler, RNG and early-stopping state), report the restored best epoch, remove the checkpoints; returns
+    the trained model."""
+    checkpoint = resumable_checkpoint(work_dir)
+    if checkpoint:
+        with open(os.path.join(checkpoint, TRAINER_STATE_FILE), encoding='utf-8') as fh:
+            state = json.load(fh)
+        print(f'[train] resuming an interrupted attempt from {checkpoint} (epoch {state.get("epoch") or 0:g}, '
+              f'step {state.get("global_step")})')
+    trainer.train(resume_from_checkpoint=checkpoint)
     print(f'[train] best validation macro-F1 {trainer.state.best_metric:.4f} '
           f'(checkpoint {trainer.state.best_model_checkpoint}) restored')
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if in_all_processes():
+        barrier()               # every process has loaded the best checkpoint before it is removed
+    if is_main_process():
+        shutil.rmtree(work_dir, ignore_errors=True)
     return trainer.model
 
 
@@ -267,6 +313,11 @@ def check_teacher_split(settings, data) -> None:
             'data settings, or pass --allow_teacher_split_mismatch if you know the data are unrelated.')
 
 
+def trains(settings) -> bool:
+    """Whether the teacher step trains (every process of a data-parallel run then takes part)."""
+    return not settings.teacher_checkpoint
+
+
 def step(parent, data, settings, out_dir: str) -> Dict:
     """The fine-tuned teacher: loaded from --teacher_checkpoint (head included), or fine-tuned here."""
     if settings.teacher_checkpoint:
@@ -278,6 +329,6 @@ def step(parent, data, settings, out_dir: str) -> Dict:
         splits = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir)
         print(f'[teacher] fine-tuning {settings.teacher_path} for up to {settings.teacher_epochs} epochs')
         model = train_classifier(model, tokenizer, splits.train, splits.val, training_pos_weight(data), settings,
-                                 os.path.join(out_dir, 'work'), settings.teacher_epochs, settings.lr)
+                                 work_folder(settings, out_dir), settings.teacher_epochs, settings.lr)
     save_hf(out_dir, model, tokenizer, stage_info(settings, 'baseline', data))
     return {'linear_roles': linear_weight_roles(model)}
