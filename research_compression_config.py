@@ -470,6 +470,10 @@ def validate_arguments(args: argparse.Namespace) -> None:
         (0.0 < args.threshold < 1.0, f'--threshold must be in (0, 1), got {args.threshold}.'),
         (args.latency_threads >= 1, f'--latency_threads must be at least 1, got {args.latency_threads}.'),
         (args.latency_noise_bound > 0, f'--latency_noise_bound must be positive, got {args.latency_noise_bound}.'),
+        (not args.trim_vocab or any(len(PIPELINE_CONFIGS[p].chain) > 1 for p in requested_pipelines(args)),
+         '--trim_vocab trims the student before distillation, or the teacher entering pruning or quantization; '
+         'the requested pipeline(s) have none of these stages, so it would do nothing. Drop --trim_vocab, or '
+         'choose a pipeline with kd, prune or quant.'),
         (args.trim_vocab_min_count >= 1, f'--trim_vocab_min_count must be at least 1, got {args.trim_vocab_min_count}.'),
     ]
     for ok, message in checks:
@@ -507,6 +511,8 @@ def print_compression_config(args: argparse.Namespace, pipelines: Sequence[str])
     print('\n' + '=' * 72)
     print('COMPRESSION CONFIGURATION')
     print('=' * 72)
+    # A single pipeline prints its own settings (a pipeline entry may fix a method); an ablation, the arguments.
+    shown = pipeline_settings(args, pipelines[0], args.seeds[0]) if len(pipelines) == 1 else args
     if len(pipelines) == 1 and not args.run_ablation:
         print(f'Pipeline: {pipelines[0].upper()}  ({PIPELINE_CONFIGS[pipelines[0]].description})')
         print('Flow:     ' + ' -> '.join(stage_flow(pipeline_settings(args, pipelines[0], args.seeds[0]), pipelines[0])))
@@ -524,12 +530,12 @@ def print_compression_config(args: argparse.Namespace, pipelines: Sequence[str])
           + ('  (checkpoint: skip training)' if args.teacher_checkpoint else f'  epochs={args.teacher_epochs}'))
     if uses['enable_kd']:
         student = f'derived from teacher, layers={args.student_layers}' if args.student_layers else args.student_path
-        print(f'Student:  {student}  method={args.kd_method} alpha={args.kd_alpha} T={args.kd_temperature} epochs={args.epochs}')
+        print(f'Student:  {student}  method={shown.kd_method} alpha={shown.kd_alpha} T={shown.kd_temperature} epochs={args.epochs}')
     if uses['enable_pruning']:
-        print(f'Pruning:  {args.prune_method} sparsity={args.prune_sparsity:.0%} layers={args.prune_layers} '
-              f'fine-tune={"%d epochs" % args.fine_tune_epochs if args.fine_tune_after_prune else "no"}')
+        print(f'Pruning:  {shown.prune_method} sparsity={shown.prune_sparsity:.0%} layers={shown.prune_layers} '
+              f'fine-tune={"%d epochs" % shown.fine_tune_epochs if shown.fine_tune_after_prune else "no"}')
     if uses['enable_quantization']:
-        print(f'Quant:    {args.quant_method} ({args.quant_dtype})')
+        print(f'Quant:    {shown.quant_method} ({shown.quant_dtype})')
     if args.trim_vocab:
         print(f'Vocab:    trimmed to the training texts (min count {args.trim_vocab_min_count}'
               + (f', always kept: {",".join(args.trim_vocab_keep)}' if args.trim_vocab_keep else '') + ')')

@@ -71,6 +71,7 @@ def test_a_ninth_pipeline_is_one_entry(tmp_path, teacher_checkpoint, monkeypatch
     with open(tmp_path / 'out' / 'results_final.json', encoding='utf-8') as fh:
         baseline, pruned = json.load(fh)['stages']
     assert pruned['prune_method'] == 'structured'                   # the pipeline's own setting won
+    assert 'Pruning:  structured' in (tmp_path / 'out' / 'run.log').read_text(encoding='utf-8')   # and is printed
     assert pruned['params_total'] < baseline['params_total']          # heads/neurons really removed
     with open(os.path.join(pruned['model_dir'], 'compression_info.json'), encoding='utf-8') as fh:
         assert json.load(fh)['format'] == 'hf_structured'

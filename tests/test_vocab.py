@@ -338,9 +338,11 @@ def test_trimming_problems_are_refused_before_any_training(tmp_path, capsys, tin
         raise AssertionError('a model was trained before the trimming settings were checked')
     monkeypatch.setattr(transformers.Trainer, 'train', no_training)
     cases = [({'trim_vocab_keep': 'not-a-token-xyz'}, 'not in the vocabulary'),
-             ({'trim_vocab_min_count': 2, 'kd_method': 'multi_level'}, '--trim_vocab_min_count 2')]
+             ({'trim_vocab_min_count': 2, 'kd_method': 'multi_level'}, '--trim_vocab_min_count 2'),
+             ({'pipeline': 'baseline'}, 'it would do nothing')]
     for i, (extra, expected) in enumerate(cases):
-        code = run_cli(fast_args(tmp_path / f'out{i}', pipeline='kd_prune_quant', teacher_path=tiny_teacher_dir,
-                                 student_layers=2, trim_vocab=True, cache_dir=tmp_path / 'cache', **extra))
+        settings = {'pipeline': 'kd_prune_quant', **extra}
+        code = run_cli(fast_args(tmp_path / f'out{i}', teacher_path=tiny_teacher_dir, student_layers=2, trim_vocab=True,
+                                 cache_dir=tmp_path / 'cache', **settings))
         assert code == 2 and expected in capsys.readouterr().err
         assert not (tmp_path / f'out{i}').exists()
