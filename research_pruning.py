@@ -16,7 +16,6 @@ any training; `step` prunes a stored stage, fine-tunes it and saves the result. 
 the test split: its before/after diagnostics are scored on the validation split.
 """
 
-import os
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch

@@ -115,6 +115,17 @@ def test_under_a_launcher_the_identity_records_the_process_count(tmp_path, monke
 # Resume inside a stage
 # ---------------------------------------------------------------------------------------------
 
+def add_callback_to_every_trainer(monkeypatch, module, callback_class):
+    """Every Trainer that `module` makes gets a fresh `callback_class()` (to watch or interrupt training)."""
+    original = module.make_trainer
+
+    def make_trainer(*args, **kwargs):
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(callback_class())
+        return trainer
+    monkeypatch.setattr(module, 'make_trainer', make_trainer)
+
+
 def fake_checkpoint(work, step, complete=True):
     path = work / f'checkpoint-{step}'
     os.makedirs(path)
@@ -156,7 +167,7 @@ class Interrupted(Exception):
 
 def test_an_interrupted_teacher_fine_tune_resumes_at_epoch_2_exactly(tmp_path, tiny_teacher_dir, monkeypatch, capsys):
     import research_training
-    original, begins, ends, interrupt = research_training.make_trainer, [], [], [True]
+    begins, ends, interrupt = [], [], [True]
 
     class Probe(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -169,11 +180,7 @@ def test_an_interrupted_teacher_fine_tune_resumes_at_epoch_2_exactly(tmp_path, t
             if interrupt[0] and state.epoch >= 1:
                 raise Interrupted(f'killed after epoch {state.epoch:g}')
 
-    def make_trainer(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        trainer.add_callback(Probe())
-        return trainer
-    monkeypatch.setattr(research_training, 'make_trainer', make_trainer)
+    add_callback_to_every_trainer(monkeypatch, research_training, Probe)
 
     def run(name, cache):
         return run_cli(fast_args(tmp_path / name, pipeline='baseline', teacher_path=tiny_teacher_dir,
@@ -215,7 +222,7 @@ def test_an_interrupted_distillation_resumes_with_its_projections(tmp_path, teac
     """KD trains StudentWithProjections (not a PreTrainedModel; a narrower student gets hidden-state projections):
     its checkpoint, optimizer included, resumes too."""
     import research_kd
-    original, begins, interrupt, captured = research_kd.make_trainer, [], [True], []
+    begins, interrupt, captured = [], [True], []
 
     class Probe(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -227,11 +234,7 @@ def test_an_interrupted_distillation_resumes_with_its_projections(tmp_path, teac
                 captured.append(load_file(os.path.join(checkpoint, 'model.safetensors')))
                 raise Interrupted(f'killed after epoch {state.epoch:g}')
 
-    def make_trainer(*args, **kwargs):
-        trainer = original(*args, **kwargs)
-        trainer.add_callback(Probe())
-        return trainer
-    monkeypatch.setattr(research_kd, 'make_trainer', make_trainer)
+    add_callback_to_every_trainer(monkeypatch, research_kd, Probe)
 
     def run(name, cache):
         return run_cli(fast_args(tmp_path / name, pipeline='kd_only', teacher_checkpoint=teacher_checkpoint,
