@@ -21,6 +21,7 @@ from conftest import ROOT, fast_args, run_cli
 # torchrun: two processes, one output folder, every stage produced once
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_torchrun_with_two_processes_runs_kd_prune_quant_once(tmp_path, tiny_teacher_dir):
     out, cache = tmp_path / 'out', tmp_path / 'cache'
     argv = fast_args(out, pipeline='kd_prune_quant', kd_method='multi_level', teacher_path=tiny_teacher_dir,
@@ -165,6 +166,7 @@ class Interrupted(Exception):
     """Stands for the process being killed right after a checkpoint was written."""
 
 
+@pytest.mark.slow
 def test_an_interrupted_teacher_fine_tune_resumes_at_epoch_2_exactly(tmp_path, tiny_teacher_dir, monkeypatch, capsys):
     import research_training
     begins, ends, interrupt = [], [], [True]
@@ -217,6 +219,7 @@ def test_an_interrupted_teacher_fine_tune_resumes_at_epoch_2_exactly(tmp_path, t
     assert all(np.allclose(resumed[k], straight[k], atol=1e-6) for k in resumed)
 
 
+@pytest.mark.slow
 def test_an_interrupted_distillation_resumes_with_its_projections(tmp_path, teacher_checkpoint, tiny_student_dir,
                                                                   monkeypatch, capsys):
     """KD trains StudentWithProjections (not a PreTrainedModel; a narrower student gets hidden-state projections):
