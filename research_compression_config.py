@@ -21,7 +21,7 @@ import research_training
 from research_data import load_labeled_csv
 from research_distributed import check_launch, launched_processes
 from research_errors import UsageError
-from research_files import folder_problem
+from research_files import atomic_write, folder_problem
 from research_kd import KD_METHODS
 from research_models import PRUNE_LAYER_GROUPS, folder_fingerprint
 from research_pruning import PRUNE_METHODS, PRUNE_SCHEDULES
@@ -550,7 +550,5 @@ def save_config(args: argparse.Namespace, path: str, pipelines: Sequence[str]) -
     record.pop('quant_dtype_requested', None)
     if len(pipelines) > 1 or args.run_ablation:
         record['pipeline'] = None
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as fh:
+    with atomic_write(path) as fh:
         fh.write(json.dumps(record, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
