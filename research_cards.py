@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 
-from research_compression_config import PIPELINE_CONFIGS, STAGE_IDENTITY, STAGES
+from research_compression_config import PIPELINE_CONFIGS, STAGES, TRAINING_READS, identity_fields, settings_from_record
 from research_inference import read_info
 from research_models import hub_model_id
 
@@ -128,9 +128,9 @@ def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str
     config = {**config, **PIPELINE_CONFIGS[pipeline].overrides}
     kinds = stage_kinds_so_far(pipeline, result['stage'])
     settings = {'teacher': config.get('teacher_checkpoint') or config.get('teacher_path')}
-    shared = set.intersection(*(set(names) for names in STAGE_IDENTITY.values()))
-    for kind in kinds[1:]:
-        settings.update({k: config.get(k) for k in STAGE_IDENTITY[kind] if k not in shared})
+    made_with = settings_from_record(config)
+    for kind in kinds[1:]:   # each technique's own settings (those every training stage reads are left out)
+        settings.update({k: config.get(k) for k in identity_fields(made_with, kind) if k not in TRAINING_READS})
     lines = [f'# {pipeline}: {result["stage"]} model', '',
              f'A multi-label text classifier ({", ".join(config["label_columns"])}; sigmoid outputs, threshold '
              f'{config.get("threshold", 0.5)}) produced by the `{pipeline}` pipeline of this tool '

@@ -69,7 +69,7 @@ def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], no
         copy_stage(node, target)
         set_threshold(target, args.threshold)
         stage['model_dir'] = os.path.abspath(target)
-        write_model_card(target, pipeline, stage, vars(args))
+        write_model_card(target, pipeline, stage, args.as_dict())
 
 
 def format_stage_table(stages: List[Dict]) -> str:
