@@ -35,6 +35,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 from filelock import FileLock, Timeout
 from transformers import set_seed
 
+from research_faults import disk_full_refusal, is_disk_full, stage_space_estimate
 from research_files import (checksum_problems, copy_file_unshared, folder_checksums, folder_size, owner_is_dead,
                             owner_record, remove_abandoned_temporaries, remove_entry, temporary_path)
 
@@ -276,17 +277,51 @@ class StageStore:
         os.replace(tmp, marker)
         return StageNode(kind, key, path, meta, reused=False)
 
+    @contextlib.contextmanager
+    def disk_full_refused(self, kind: str, key: str, made_from: Optional[str]) -> Iterator[None]:
+        """A full disk while the stage is written: nothing of it may look complete, so its files go, except
+        the newest whole Trainer checkpoint (the next attempt resumes from it), and the run is refused with
+        what the stage needs and what is free."""
+        path = self.path(kind, key)
+        try:
+            yield
+        except Exception as exc:
+            if not is_disk_full(exc, [path]):
+                raise
+            written = folder_size(path)
+            kept = self.discard_all_but_resumable(path)
+            raise disk_full_refusal(path, stage_space_estimate(written, made_from), f'stage {kind}-{key}',
+                                    f'About that much is needed to store the stage; its half-written files were removed'
+                                    + (f' (the whole checkpoint {kept} is kept, to resume from)' if kept else '')
+                                    + ' and nothing was recorded as complete.') from exc
+
+    def discard_all_but_resumable(self, path: str) -> Optional[str]:
+        """Empty a stage folder that could not be written, keeping only the checkpoint `resumable` names in its
+        `work/` (a half-written checkpoint is never it); returns that checkpoint's name, or None."""
+        work = os.path.join(path, WORK_DIR)
+        keep = self.resumable(work) if self.resumable and os.path.isdir(work) and not os.path.islink(work) else None
+        keep = os.path.basename(keep) if isinstance(keep, str) and os.path.dirname(os.path.abspath(keep)) == os.path.abspath(work) else None
+        self.clear_all_but_work(path)
+        if keep is None:
+            remove_entry(work)
+            return None
+        for name in os.listdir(work):
+            if name != keep:
+                remove_entry(os.path.join(work, name))
+        return keep
+
     def plan(self, keys: Iterable[str]) -> None:
         """How many distinct stages the run needs (for the progress display)."""
         self.planned = len(set(keys))
         self.visited = 0
 
     def get_or_run(self, kind: str, key: str, produce: Callable[[str], Dict], seed: int, where: str = '',
-                   identity: Optional[Dict] = None) -> StageNode:
+                   identity: Optional[Dict] = None, made_from: Optional[str] = None) -> StageNode:
         """The stored stage `kind-key`, produced by `produce(folder) -> meta` (with the seed set, so its
         randomness never depends on what ran before it) when it is not stored yet. Under the stage's lock: a
         run that needs a stage another run is producing waits, then reuses it. `identity` (the settings that
-        made the key) is recorded for --cache_report."""
+        made the key) is recorded for --cache_report; `made_from` (the folder of the model it starts from) sizes
+        what a full disk needs."""
         if key in self.nodes:
             return self.nodes[key]
         self.visited += 1
@@ -298,7 +333,8 @@ class StageStore:
                 set_seed(seed)
                 started = time.time()
                 folder = self.begin(kind, key)
-                node = self.complete(kind, key, produce(folder), identity, time.time() - started)
+                with self.disk_full_refused(kind, key, made_from):
+                    node = self.complete(kind, key, produce(folder), identity, time.time() - started)
         self.events.append({'kind': kind, 'key': key, 'reused': node.reused})
         self.nodes[key] = node
         return node
