@@ -424,6 +424,13 @@ def copy_stage(node: StageNode, target: str) -> str:
     def copy(source, destination):
         how.add(copy_file_unshared(source, destination))
         return destination
-    shutil.copytree(node.path, target, copy_function=copy, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(COMPLETE_MARKER, META_FILE, 'README.md', WORK_DIR))
+    try:
+        shutil.copytree(node.path, target, copy_function=copy, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(COMPLETE_MARKER, META_FILE, 'README.md', WORK_DIR))
+    except Exception as exc:
+        if not is_disk_full(exc, [target]):
+            raise
+        remove_entry(target)            # a half-copied model folder must not look like an exported model
+        raise disk_full_refusal(target, folder_size(node.path), f'the exported model {target}',
+                                'The half-copied folder was removed.') from exc
     return 'copy' if 'copy' in how else 'reflink'

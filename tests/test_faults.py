@@ -372,3 +372,24 @@ def test_sigterm_and_sigint_mid_training_resume_to_the_metrics_of_an_uninterrupt
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert '[train] resuming an interrupted attempt' in resumed.stdout
         assert quality(out) == quality(reference)
+
+
+def test_a_full_disk_while_a_model_is_exported_removes_the_half_copy(tmp_path, monkeypatch):
+    import research_faults
+    import research_stages
+    from research_errors import UsageError
+    from research_stages import StageNode, copy_stage
+    stored = tmp_path / 'stored'
+    stored.mkdir()
+    (stored / 'model.safetensors').write_bytes(b'w' * 3 * 2 ** 20)
+    (stored / 'config.json').write_text('{}')
+    monkeypatch.setattr(research_faults, 'free_bytes', lambda path: 2 ** 20)
+
+    def full_disk(source, target):
+        open(target, 'wb').write(b'partial')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(research_stages, 'copy_file_unshared', full_disk)
+    target = tmp_path / 'out' / 'stages' / 'final'
+    with pytest.raises(UsageError, match=r'no space left on .*final: 3\.0 MB needed, 1\.0 MB free'):
+        copy_stage(StageNode('kd', '2' * 16, str(stored)), str(target))
+    assert not target.exists()
