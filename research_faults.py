@@ -140,6 +140,8 @@ def faults_reported(folders: Sequence[str]) -> Iterator[None]:
     except DiskFull:
         remove_own_temporaries(folders)
         raise
+    except UsageError:
+        raise
     except Exception as exc:
         if not is_disk_full(exc, folders):
             raise
@@ -147,8 +149,8 @@ def faults_reported(folders: Sequence[str]) -> Iterator[None]:
         named = next((e.filename for e in chain(exc) if isinstance(e, OSError) and e.filename), None)
         where = os.path.dirname(os.path.abspath(named)) if named else fullest(folders)
         raise disk_full_refusal(where, written, f"'{named}'" if named else 'the run\'s files',
-                                'At least that much (what had been written when the disk filled); the half-written '
-                                'files were removed and nothing was recorded as complete.' if written else
+                                'That much had been written when the disk filled, so at least that much is needed; '
+                                'the half-written files were removed and nothing was recorded as complete.' if written else
                                 'Nothing was recorded as complete.') from exc
 
 

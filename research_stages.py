@@ -15,7 +15,9 @@ A store you can trust:
   a process that dies, and a lock whose recorded owner is a dead process of this host is taken over;
 - a stage folder without a completion record and without a live lock is the leftover of an interrupted
   run, and is removed when the store opens; only its `work/` survives when it holds checkpoints the step can
-  resume from (the `resumable` test the run gives the store), so an interrupted training resumes.
+  resume from (the `resumable` test the run gives the store), so an interrupted training resumes;
+- a full disk while a stage is written empties its folder (no completion record; only the newest whole
+  checkpoint stays) and refuses the run saying what the stage needs and what is free (research_faults).
 
 Quality and latency are never taken from the store: every stage is loaded back from disk and evaluated in
 the current run, so speed-ups compare measurements taken side by side (research_eval keeps only what depends
@@ -35,6 +37,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 from filelock import FileLock, Timeout
 from transformers import set_seed
 
+from research_errors import UsageError
 from research_faults import disk_full_refusal, is_disk_full, stage_space_estimate
 from research_files import (checksum_problems, copy_file_unshared, folder_checksums, folder_size, owner_is_dead,
                             owner_record, remove_abandoned_temporaries, remove_entry, temporary_path)
@@ -286,7 +289,7 @@ class StageStore:
         try:
             yield
         except Exception as exc:
-            if not is_disk_full(exc, [path]):
+            if isinstance(exc, UsageError) or not is_disk_full(exc, [path]):
                 raise
             written = folder_size(path)
             kept = self.discard_all_but_resumable(path)
