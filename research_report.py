@@ -34,6 +34,7 @@ from research_files import (TEMPORARY_TAG, folder_problem, folder_size, fresh_fo
 from research_inference import read_info, set_threshold
 from research_kd import TEACHER_LOGITS_PREFIX
 from research_models import hub_model_id
+from research_settings import FIELD_OWNER, changes_result
 from research_stages import STORE_FOLDER, StageStore, copy_stage
 from research_training import resumable_checkpoint
 
@@ -709,11 +710,12 @@ def prune_cache(cache_dir: str, older_than_days: float) -> str:
 # Aggregating several runs (a bash sweep)
 # ---------------------------------------------------------------------------------------------
 
-# Settings that cannot change a number of the results: where files go, what is printed, how the store is kept
-NOT_RESULT_SETTINGS = {'output_dir', 'overwrite_output_dir', 'cache_dir', 'cache_report', 'cache_prune_older_than',
-                       'reuse_stages', 'tool', 'ablation_pipelines', 'run_ablation', 'save_all_stages', 'pipelines',
-                       'pipeline', 'report_to', 'progress_bars', 'language', 'model_license', 'hub_dataset_id',
-                       'author_name', 'allow_teacher_split_mismatch', 'measure_peak_memory'}
+# Settings that change no reported number: the settings declared `result=False` (where files go, what is
+# printed, how the store is kept), except those that change a measurement or a score though not a stage; and
+# the record's own bookkeeping (each row names its pipeline)
+MEASUREMENT_SETTINGS = {'threshold', 'latency_batch_size', 'latency_runs', 'latency_threads', 'latency_noise_bound'}
+NOT_RESULT_SETTINGS = ({name for name in FIELD_OWNER if not changes_result(name)} - MEASUREMENT_SETTINGS) | {
+    'tool', 'pipelines', 'pipeline', 'run_ablation', 'ablation_pipelines'}
 
 
 def find_results(paths: Sequence[str]) -> List[str]:

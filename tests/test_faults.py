@@ -13,6 +13,9 @@ import pytest
 from conftest import ROOT, SAMPLE_CSV, fast_args, run_cli
 from test_bad_input import args_for, make_earlier_run, snapshot
 
+# Imported at collection, not under a test's capsys: transformers' log handler keeps the stderr it first saw
+import research_main  # noqa: E402,F401
+
 
 def run_and_capture(capsys, argv):
     code = run_cli(argv)
@@ -342,6 +345,7 @@ def quality(output_dir):
     return [{k: s.get(k) for k in keep} for s in results['stages']]
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_mid_training_resume_to_the_metrics_of_an_uninterrupted_run(tmp_path, tiny_teacher_dir):
     import signal
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1', 'PYTHONPATH': ROOT}

@@ -10,6 +10,8 @@ import sys
 import pytest
 
 from conftest import ROOT, fast_args, run_cli
+# Imported at collection, not under a test's capsys: transformers' log handler keeps the stderr it first saw
+from research_inference import main as inference_main
 
 
 @pytest.fixture(scope='module')
@@ -36,8 +38,7 @@ def cut_short(data):
 
 
 def cli(capsys, *argv):
-    from research_inference import main
-    code = main(list(argv))
+    code = inference_main(list(argv))
     return code, capsys.readouterr()
 
 

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 from conftest import fast_args, run_cli
+# Imported at collection, not under a test's capsys: transformers' log handler keeps the stderr it first saw
+from research_report import main as report_main
 
 LABELS = ['bully', 'threat']
 
@@ -37,8 +39,7 @@ def fake_run(folder, pipeline='kd_only', labels=LABELS, teacher_ms=20.0, student
 
 
 def report(capsys, *argv):
-    from research_report import main
-    code = main([str(a) for a in argv])
+    code = report_main([str(a) for a in argv])
     return code, capsys.readouterr()
 
 
@@ -64,6 +65,13 @@ def test_paths_and_other_settings_that_change_no_result_are_not_varying(tmp_path
     code, captured = report(capsys, *runs, '--output', tmp_path / 'rep')
     assert code == 0
     assert 'varying settings: kd_alpha;' in captured.out            # not cache_dir, output_dir, report_to, author
+
+
+def test_settings_that_change_a_score_or_a_measurement_but_no_stage_are_varying(tmp_path, capsys):
+    runs = [fake_run(tmp_path / 'a', threshold=0.5, latency_threads=1),
+            fake_run(tmp_path / 'b', threshold=0.3, latency_threads=4)]
+    code, captured = report(capsys, *runs, '--output', tmp_path / 'rep')
+    assert code == 0 and 'varying settings: latency_threads, threshold;' in captured.out
 
 
 def test_runs_of_different_label_sets_are_refused(tmp_path, capsys):
@@ -145,6 +153,7 @@ def test_pipelines_of_one_run_are_one_latency_group(tmp_path, capsys):
     assert 'NOT comparable' not in (tmp_path / 'rep' / 'report.md').read_text()
 
 
+@pytest.mark.slow
 def test_a_real_sweep_across_pipelines_and_cache_folders(tmp_path, capsys, teacher_checkpoint):
     """Two real runs, of different pipelines and each with its own --cache_dir (the ValueError of issue 21)."""
     for pipeline in ('baseline', 'quant_only'):
