@@ -1,7 +1,8 @@
 """Files the tool can trust: sha256 checksums of a folder's files, temporary names that say which process
 writes them (so the leftovers of a process that died can be recognised and removed), whether a process is
-still running, copies that never share an inode with their source, and removal that never follows a
-symbolic link and never leaves a given folder.
+still running, copies that never share an inode with their source, removal that never follows a symbolic link and never
+leaves a given folder, whether a set of entries can be moved (and moving all of them or none), and whether
+a file a library wrote was written to its end.
 
 Nothing here knows about models, stages or runs; the stage store, the caches and the output folder use it.
 """
@@ -15,6 +16,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import zipfile
 from typing import IO, Dict, Iterator, List, Optional, Tuple
 
 TEMPORARY_TAG = '.tmp-'   # <final name>.tmp-<host>-<pid>: written aside, then renamed into place
@@ -253,3 +255,122 @@ def folder_problem(path: str) -> Optional[str]:
     except OSError as exc:
         return f"cannot be written ({exc.strerror or exc} in '{existing}')"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving a set of entries: all of them or none
+# ---------------------------------------------------------------------------------------------
+
+FS_IOC_GETFLAGS = 0x80086601          # Linux ioctl: the inode flags that `lsattr` shows
+FS_IMMUTABLE_FL, FS_APPEND_FL = 0x10, 0x20
+
+
+def inode_flags(path: str) -> int:
+    """The inode flags of a file or folder (0 where the filesystem or the platform cannot say)."""
+    if not sys.platform.startswith('linux') or os.path.islink(path):
+        return 0
+    try:
+        import fcntl
+        import struct
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_NOFOLLOW', 0))
+    except OSError:
+        return 0
+    try:
+        return struct.unpack('i', fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))[:4])[0]
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def locked_by_flags(path: str) -> Optional[str]:
+    flags = inode_flags(path)
+    if flags & FS_IMMUTABLE_FL:
+        return 'is marked immutable (chattr +i)'
+    if flags & FS_APPEND_FL:
+        return 'is marked append-only (chattr +a)'
+    return None
+
+
+def rename_problem(path: str) -> Optional[str]:
+    """Why `path` cannot be renamed to another name in the same folder tree (None when nothing says it
+    cannot): it or its folder is immutable or append-only, it is a mount point, or (for other users than
+    root) its folder, or the folder itself, cannot be written. Looks, moves nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    problem = locked_by_flags(path)
+    if problem:
+        return problem
+    problem = locked_by_flags(folder)
+    if problem:
+        return f"lies in '{folder}', which {problem}"
+    if not os.path.islink(path) and os.path.isdir(path) and os.stat(path).st_dev != os.stat(folder).st_dev:
+        return 'is a mount point (another filesystem is mounted there)'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"lies in '{folder}', which you cannot write to"
+    if not os.path.islink(path) and os.path.isdir(path) and not os.access(path, os.W_OK):
+        return 'is a folder you cannot write to (moving it changes its parent entry)'
+    return None
+
+
+def move_all_or_none(moves: List[Tuple[str, str]]) -> None:
+    """Rename every (source, target); when one fails, the ones already moved are moved back and the error
+    is raised (an OSError naming the source): never half the set moved."""
+    done = []
+    try:
+        for source, target in moves:
+            try:
+                os.rename(source, target)
+            except OSError as exc:
+                exc.filename = exc.filename or source
+                raise
+            done.append((source, target))
+    except OSError:
+        for source, target in reversed(done):
+            os.rename(target, source)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Files written to the end
+# ---------------------------------------------------------------------------------------------
+
+def own_temporaries(folder: str) -> List[str]:
+    """The temporaries this process is writing under `folder` (its whole tree, links not followed)."""
+    mine = f'{TEMPORARY_TAG}{this_host()}-{os.getpid()}'
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            if name.endswith(mine):
+                found.append(os.path.join(root, name))
+        dirs[:] = [d for d in dirs if not d.endswith(mine)]
+    return found
+
+
+def file_is_whole(path: str) -> bool:
+    """Whether a file that a library wrote was written to its end, for the formats whose end can be
+    checked cheaply: JSON parses, a safetensors file is as long as its header says, a zip (torch.save)
+    has its central directory. Other files count as whole."""
+    try:
+        if path.endswith('.json'):
+            with open(path, encoding='utf-8') as fh:
+                json.load(fh)
+        elif path.endswith('.safetensors'):
+            return safetensors_is_whole(path)
+        elif zipfile.is_zipfile(path) or path.endswith(('.pt', '.pth')):
+            with zipfile.ZipFile(path):      # reads the central directory, written last
+                return True
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+    return True
+
+
+def safetensors_is_whole(path: str) -> bool:
+    """A safetensors file: 8-byte header length, the JSON header, then the data its offsets end at."""
+    with open(path, 'rb') as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return False
+        length = int.from_bytes(head, 'little')
+        header = json.loads(fh.read(length))
+    ends = [entry['data_offsets'][1] for name, entry in header.items() if name != '__metadata__']
+    return os.path.getsize(path) >= 8 + length + max(ends, default=0)

@@ -40,6 +40,7 @@ from research_distributed import (all_processes, broadcast, finish, is_distribut
                                   start)
 from research_errors import UsageError
 from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, peak_memory_of_stages
+from research_faults import fault_exit_code, faults_reported, install_signal_handlers
 from research_files import remove_abandoned_temporaries, write_json_atomically
 from research_output import CONFIG_JSON, RUN_LOG, STAGE_LOG, captured_output, prepare_output_dir, run_log, show_progress_bars
 from research_plots import write_plots
@@ -118,7 +119,9 @@ def run_chain(store: StageStore, pipeline: str, data, settings, label: str) -> L
             nodes.append(get_or_run_together(store, kind, key, produce, settings.train_seed, where, identity,
                                              STAGES[kind].trains(named)))
         else:
-            nodes.append(store.get_or_run(kind, key, produce, settings.train_seed, where, identity=identity))
+            made_from = parent.path if parent else settings.teacher_checkpoint or settings.teacher_path
+            nodes.append(store.get_or_run(kind, key, produce, settings.train_seed, where, identity=identity,
+                                          made_from=made_from))
     return nodes
 
 
@@ -217,7 +220,8 @@ def usage_errors_logged():
     try:
         yield
     except UsageError as exc:
-        print(f'error: {exc}', file=sys.stderr)
+        with contextlib.suppress(OSError):      # a full disk may refuse the log's copy of the message
+            print(f'error: {exc}', file=sys.stderr)
         exc.logged = True
         raise
 
@@ -252,7 +256,8 @@ def main(args_list: Optional[List[str]] = None) -> int:
         # Output folder: a foreign one is refused, an earlier run's own files are archived
         prepare_output_dir(args)
         show_progress_bars(args.progress_bars)
-        with run_log(os.path.join(args.output_dir, RUN_LOG), preamble.getvalue()), usage_errors_logged():
+        with run_log(os.path.join(args.output_dir, RUN_LOG), preamble.getvalue()), usage_errors_logged(), \
+                faults_reported([args.cache_dir, args.output_dir]):
             # Configuration, printed and saved before any long work
             print_compression_config(args, pipelines)
             save_config(args, os.path.join(args.output_dir, CONFIG_JSON), pipelines)
@@ -269,8 +274,14 @@ def main(args_list: Optional[List[str]] = None) -> int:
         if is_main_process() and not getattr(exc, 'logged', False):
             print(f'error: {exc}', file=sys.stderr)
         return exc.exit_code
+    except BaseException as exc:    # Ctrl-C, SIGTERM, a full disk: one line, never a traceback; a bug keeps its own
+        code = fault_exit_code(exc)
+        if code is None:
+            raise
+        return code
     return 0
 
 
 if __name__ == '__main__':
+    install_signal_handlers()
     sys.exit(main())

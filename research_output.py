@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import time
+from typing import Sequence
 
 import datasets
 import huggingface_hub.utils as hub_utils
@@ -17,7 +18,7 @@ from transformers.utils import logging as transformers_logging
 
 from research_compression_config import TOOL_MARKER, TOOL_OUTPUTS
 from research_errors import UsageError
-from research_files import TEMPORARY_TAG
+from research_files import TEMPORARY_TAG, locked_by_flags, move_all_or_none, rename_problem
 
 RESULTS_JSON = 'results_final.json'
 RESULTS_CSV = 'results_final.csv'
@@ -67,16 +68,46 @@ def prepare_output_dir(args) -> None:
                              f'{ARCHIVE_DIR}/<time>/ first; nothing else in it is touched).')
         ours = sorted(n for n in os.listdir(out) if is_tool_output(n))
         if ours:
+            refuse_unmovable_entries(out, ours)
             archive = archive_folder(out)
-            os.makedirs(archive)
             # config.json last: a move interrupted half-way still leaves a folder recognised as an earlier run
-            for name in sorted(ours, key=lambda n: n == CONFIG_JSON):
-                os.rename(os.path.join(out, name), os.path.join(archive, name))
+            move_into_archive(out, archive, sorted(ours, key=lambda n: n == CONFIG_JSON))
             kept = len(os.listdir(out)) - 1
             print(f'[output] {out} ' + ('held an earlier run' if earlier else "has entries named like this tool's outputs")
                   + f': {", ".join(ours)} moved to {archive}'
                   + (f'; {kept} other entr{"y" if kept == 1 else "ies"} left in place' if kept else ''))
     os.makedirs(out, exist_ok=True)
+
+
+def refuse_unmovable_entries(out: str, names: Sequence[str]) -> None:
+    """Before anything moves: every entry to archive can be renamed, and previous_runs/ can take them."""
+    archive_root = os.path.join(out, ARCHIVE_DIR)
+    problems = [f"'{os.path.join(out, n)}' {p}" for n in names for p in [rename_problem(os.path.join(out, n))] if p]
+    if os.path.lexists(archive_root) and (os.path.islink(archive_root) or not os.path.isdir(archive_root)):
+        problems.append(f"'{archive_root}' is not a folder")
+    elif os.path.isdir(archive_root) and locked_by_flags(archive_root):
+        problems.append(f"'{archive_root}' {locked_by_flags(archive_root)}")
+    if problems:
+        raise UsageError(f"--output_dir '{out}' holds an earlier run that cannot be moved to {ARCHIVE_DIR}/ ("
+                         f"{'; '.join(problems)}), so nothing was moved. Make those entries movable (e.g. chattr -i, "
+                         'or unmount), move them away yourself, or choose another --output_dir.')
+
+
+def move_into_archive(out: str, archive: str, names: Sequence[str]) -> None:
+    """All of the entries or none: a rename that fails anyway moves the others back (the archive folder,
+    then empty, is removed) and the run is refused naming the entry."""
+    made_root = not os.path.lexists(os.path.dirname(archive))
+    os.makedirs(archive)
+    try:
+        move_all_or_none([(os.path.join(out, n), os.path.join(archive, n)) for n in names])
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.rmdir(archive)
+            if made_root:
+                os.rmdir(os.path.dirname(archive))
+        raise UsageError(f"--output_dir '{out}': moving the earlier run's '{exc.filename}' to {ARCHIVE_DIR}/ failed "
+                         f'({exc.strerror or exc}), so the entries already moved were put back and nothing else was '
+                         'touched. Make it movable or move it away yourself, or choose another --output_dir.') from exc
 
 
 def archive_folder(output_dir: str) -> str:
