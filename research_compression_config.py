@@ -308,16 +308,25 @@ def build_argument_parser() -> argparse.ArgumentParser:
                 'trained them, kept in the stored compression_info.json) and only re-scores and re-exports them.')
     option(evaluation, '--latency_batch_size', type=int, default=1, help='Batch size of the latency measurement.')
     option(evaluation, '--latency_runs', type=int, default=30,
-           help='Timed rounds: in each round every stage of the run predicts the latency batch once, in an order '
-                'rotated every round (after 3 warm-up rounds); at least 5 full rotations are run.')
+           help='Minimum timed rounds: in each round every stage of the run predicts the latency batch once, in an '
+                'order rotated every round (after 3 warm-up rounds); at least 5 full rotations are run, then more '
+                'until the numbers converge (--latency_budget_s).')
     option(evaluation, '--latency_threads', type=int, default=1,
            help='Intra-op threads of every runtime while timing (PyTorch and ONNX Runtime alike), recorded in the results.')
-    option(evaluation, '--latency_noise_bound', type=float, default=0.15,
-           help='A stage whose latency or speed-up spread (interquartile range / median) exceeds this is flagged '
-                'noisy in the results and warned about.')
     option(evaluation, '--no_peak_memory', action='store_false', dest='measure_peak_memory',
            help='Skip the peak-memory measurement (without it, each stage is loaded once more in a '
                 'fresh process to measure its peak resident memory, about 3 s per stage).')
+
+    # settings: latency convergence
+    convergence = parser.add_argument_group('latency convergence (docs/measurement.md)')
+    option(convergence, '--latency_budget_s', type=float, default=60.0,
+           help='Seconds (>= 0; default 60) the interleaved timing may take: after --latency_runs rounds it goes on '
+                "in whole rotation cycles until every speed-up's 95%% interval, and the teacher's median latency's, "
+                'is within --latency_tolerance of its value, or this budget is spent; only a stage that did not '
+                'converge is flagged noisy. 0: exactly --latency_runs rounds (rounded up to a whole cycle).')
+    option(convergence, '--latency_tolerance', type=float, default=0.05,
+           help="Relative half-width (in (0, 0.5]; default 0.05 = +-5%%) that a speed-up's 95%% bootstrap interval "
+                'over rotation cycles must reach for the timing to count as converged.')
 
     output = parser.add_argument_group('output')
     option(output, '--output_dir', type=str, default='./compressed_models',
@@ -440,6 +449,17 @@ def parse_compression_arguments(args_list: Optional[List[str]] = None) -> argpar
     return args
 
 
+# settings: latency convergence
+def check_latency_convergence(args: argparse.Namespace) -> None:
+    """--latency_budget_s and --latency_tolerance in range."""
+    if not args.latency_budget_s >= 0:
+        raise UsageError(f'--latency_budget_s must be 0 or more seconds, got {args.latency_budget_s:g}: it caps how long '
+                         'the interleaved timing may go on after --latency_runs rounds (0: no extra rounds).')
+    if not 0 < args.latency_tolerance <= 0.5:
+        raise UsageError(f"--latency_tolerance must be in (0, 0.5], got {args.latency_tolerance:g}: it is the relative "
+                         "half-width a speed-up's 95% interval must reach (0.05 = +-5%).")
+
+
 def validate_arguments(args: argparse.Namespace) -> None:
     """Settings every run shares, the output and cache folders, the CSV's header and labels, then each
     requested pipeline's stages with that pipeline's settings (e.g. --max_length against the models' configs).
@@ -469,7 +489,6 @@ def validate_arguments(args: argparse.Namespace) -> None:
                                                      'text column holds the comments, the label columns their 0/1 labels.'),
         (0.0 < args.threshold < 1.0, f'--threshold must be in (0, 1), got {args.threshold}.'),
         (args.latency_threads >= 1, f'--latency_threads must be at least 1, got {args.latency_threads}.'),
-        (args.latency_noise_bound > 0, f'--latency_noise_bound must be positive, got {args.latency_noise_bound}.'),
         (not args.trim_vocab or any(len(PIPELINE_CONFIGS[p].chain) > 1 for p in requested_pipelines(args)),
          '--trim_vocab trims the student before distillation, or the teacher entering pruning or quantization; '
          'the requested pipeline(s) have none of these stages, so it would do nothing. Drop --trim_vocab, or '
@@ -479,6 +498,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    check_latency_convergence(args)
     for flag, folder, what in (('--output_dir', args.output_dir, 'results and models'),
                                ('--cache_dir', args.cache_dir, 'the stage store and caches')):
         problem = folder_problem(folder)

@@ -142,8 +142,9 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
     for result in measured.values():
         print(f'[eval] {result["stage"]}: macro-F1 {result["f1_macro"]:.4f}, {result["size_mb"]:.2f} MB on disk '
               f'({result["size_mb_compressed"]:.2f} MB zipped), p50 {result["latency_ms_p50"]:.2f} ms, '
-              f'{result["speedup"]:.2f}x the teacher (batch {settings.latency_batch_size} x {settings.max_length} '
-              f'tokens, {settings.latency_threads} thread(s))' + (' [noisy]' if result['latency_noisy'] else ''))
+              f'{result["speedup"]:.2f}x [{result["speedup_ci_low"]:.2f}, {result["speedup_ci_high"]:.2f}] the teacher '
+              f'(batch {settings.latency_batch_size} x {settings.max_length} tokens, {settings.latency_threads} '
+              f'thread(s))' + (' [noisy: did not converge]' if result['latency_noisy'] else ''))
     return {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
 
 
