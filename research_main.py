@@ -40,6 +40,7 @@ from research_report import (CONFIG_JSON, RUN_LOG, STAGE_LOG, cache_report, capt
                              show_progress_bars, summarize_runs, write_json_atomically, write_pipeline_results,
                              write_plots, write_summary)
 from research_stages import WORK_DIR, StageNode, StageStore, stage_key
+from research_tokenizer_fit import report_tokenizer_fit, tokenizer_roles
 from research_training import resumable_checkpoint
 
 
@@ -51,6 +52,7 @@ class Run:
     data: object
     nodes: Dict[str, List[StageNode]]
     stages: Dict[str, List[Dict]]
+    tokenizer_fit: Optional[Dict] = None
 
 
 def stage_keys(pipeline: str, data, settings) -> List[tuple]:
@@ -254,7 +256,12 @@ def main(args_list: Optional[List[str]] = None) -> int:
             save_config(args, os.path.join(args.output_dir, CONFIG_JSON), pipelines)
             started = time.time()
             # Stages (shared between pipelines, reused from the store), then every stage measured side by side
+            # Does each tokenizer read this language? Counted on training texts, warned about before training
+            roles = tokenizer_roles([(pipeline_settings(args, p, args.train_seed), PIPELINE_CONFIGS[p].chain) for p in pipelines])
+            fit = report_tokenizer_fit(roles, next(iter(folds.values())), args.seed)
             runs, events = run_plan(args, pipelines, folds)
+            for run in runs:
+                run.tokenizer_fit = fit
             # Results, exported models, ablation summary and plots
             write_outputs(args, pipelines, runs, events)
             trained = sum(1 for e in events if not e['reused'])

@@ -275,7 +275,8 @@ def write_pipeline_results(folder: str, args, pipeline: str, stages: List[Dict],
     """results_final.json / .csv of one pipeline: one entry per stage in order, the last is the final model."""
     os.makedirs(folder, exist_ok=True)
     payload = {'pipeline': pipeline, 'author_name': args.author_name, 'fold': run.data.fold, 'train_seed': run.seed,
-               'test_split_hash': run.data.test_split_hash, 'test_rows': int(len(run.data.test_idx)), 'stages': stages}
+               'test_split_hash': run.data.test_split_hash, 'test_rows': int(len(run.data.test_idx)), 'stages': stages,
+               'tokenizer_fit': getattr(run, 'tokenizer_fit', None)}
     rows = pd.DataFrame([flatten_stage(s, args.label_columns) for s in stages])
     rows.insert(0, 'pipeline', pipeline)
     tmp = temporary_path(os.path.join(folder, RESULTS_CSV))
