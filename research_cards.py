@@ -141,7 +141,8 @@ def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str
     lines += ['', '## Metrics (test split)', '', '| metric | value |', '|---|---|']
     for key in ('f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro', 'size_mb',
                 'size_mb_compressed', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
-                'vocab_size', 'latency_ms_p50', 'latency_ms_p95', 'compression_ratio', 'speedup', 'speedup_iqr'):
+                'vocab_size', 'latency_ms_p50', 'latency_ms_p95', 'compression_ratio', 'speedup', 'speedup_ci_low',
+                'speedup_ci_high', 'speedup_iqr'):
         value = result.get(key)
         lines.append(f'| {key} | {value:.4g} |' if isinstance(value, float) else f'| {key} | {value} |')
     lines += ['', '| label | precision | recall | F1 | ROC-AUC |', '|---|---|---|---|---|']

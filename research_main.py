@@ -47,6 +47,7 @@ from research_plots import write_plots
 from research_results import (export_stage_models, final_stage_row, format_stage_table, summarize_runs,
                               write_pipeline_results, write_summary)
 from research_stages import WORK_DIR, StageNode, StageStore, stage_key
+from research_tokenizer_fit import report_tokenizer_fit, tokenizer_roles
 from research_training import resumable_checkpoint
 
 
@@ -58,6 +59,7 @@ class Run:
     data: object
     nodes: Dict[str, List[StageNode]]
     stages: Dict[str, List[Dict]]
+    tokenizer_fit: Optional[Dict] = None
 
 
 def stage_keys(pipeline: str, data, settings) -> List[tuple]:
@@ -150,8 +152,9 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
     for result in measured.values():
         print(f'[eval] {result["stage"]}: macro-F1 {result["f1_macro"]:.4f}, {result["size_mb"]:.2f} MB on disk '
               f'({result["size_mb_compressed"]:.2f} MB zipped), p50 {result["latency_ms_p50"]:.2f} ms, '
-              f'{result["speedup"]:.2f}x the teacher (batch {settings.latency_batch_size} x {settings.max_length} '
-              f'tokens, {settings.latency_threads} thread(s))' + (' [noisy]' if result['latency_noisy'] else ''))
+              f'{result["speedup"]:.2f}x [{result["speedup_ci_low"]:.2f}, {result["speedup_ci_high"]:.2f}] the teacher '
+              f'(batch {settings.latency_batch_size} x {settings.max_length} tokens, {settings.latency_threads} '
+              f'thread(s))' + (' [noisy: did not converge]' if result['latency_noisy'] else ''))
     return {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
 
 
@@ -263,7 +266,12 @@ def main(args_list: Optional[List[str]] = None) -> int:
             save_config(args, os.path.join(args.output_dir, CONFIG_JSON), pipelines)
             started = time.time()
             # Stages (shared between pipelines, reused from the store), then every stage measured side by side
+            # Does each tokenizer read this language? Counted on training texts, warned about before training
+            roles = tokenizer_roles([(pipeline_settings(args, p, args.train_seed), PIPELINE_CONFIGS[p].chain) for p in pipelines])
+            fit = report_tokenizer_fit(roles, next(iter(folds.values())), args.seed)
             runs, events = run_plan(args, pipelines, folds)
+            for run in runs:
+                run.tokenizer_fit = fit
             # Results, exported models, ablation summary and plots
             write_outputs(args, pipelines, runs, events)
             trained = sum(1 for e in events if not e['reused'])

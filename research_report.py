@@ -25,7 +25,8 @@ from research_settings import FIELD_OWNER, changes_result
 # Settings that change no reported number: the settings declared `result=False` (where files go, what is
 # printed, how the store is kept), except those that change a measurement or a score though not a stage; and
 # the record's own bookkeeping (each row names its pipeline)
-MEASUREMENT_SETTINGS = {'threshold', 'latency_batch_size', 'latency_runs', 'latency_threads', 'latency_noise_bound'}
+MEASUREMENT_SETTINGS = {'threshold', 'latency_batch_size', 'latency_runs', 'latency_threads', 'latency_budget_s',
+                        'latency_tolerance', 'latency_noise_bound'}
 NOT_RESULT_SETTINGS = ({name for name in FIELD_OWNER if not changes_result(name)} - MEASUREMENT_SETTINGS) | {
     'tool', 'pipelines', 'pipeline', 'run_ablation', 'ablation_pipelines'}
 

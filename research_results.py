@@ -30,6 +30,7 @@ RESULT_COLUMNS = ['stage', 'f1_macro', 'f1_micro', 'f1_weighted', 'exact_match',
                   'sparsity_overall', 'vocab_size', 'test_unknown_token_share', 'latency_ms_mean', 'latency_ms_p50',
                   'latency_ms_p95', 'latency_ms_p99', 'latency_ms_iqr', 'throughput_samples_s', 'peak_memory_mb',
                   'peak_memory_model_mb', 'compression_ratio', 'compression_ratio_compressed', 'speedup', 'speedup_iqr',
+                  'speedup_ci_low', 'speedup_ci_high', 'latency_rounds', 'latency_seconds', 'latency_converged',
                   'latency_noisy', 'speedup_vs_fp32_onnx', 'runtime_speedup_onnx_vs_pytorch', 'model_dir']
 
 
@@ -47,7 +48,8 @@ def write_pipeline_results(folder: str, args, pipeline: str, stages: List[Dict],
     """results_final.json / .csv of one pipeline: one entry per stage in order, the last is the final model."""
     os.makedirs(folder, exist_ok=True)
     payload = {'pipeline': pipeline, 'author_name': args.author_name, 'fold': run.data.fold, 'train_seed': run.seed,
-               'test_split_hash': run.data.test_split_hash, 'test_rows': int(len(run.data.test_idx)), 'stages': stages}
+               'test_split_hash': run.data.test_split_hash, 'test_rows': int(len(run.data.test_idx)), 'stages': stages,
+               'tokenizer_fit': run.tokenizer_fit}
     rows = pd.DataFrame([flatten_stage(s, args.label_columns) for s in stages])
     rows.insert(0, 'pipeline', pipeline)
     with written_aside(os.path.join(folder, RESULTS_CSV)) as tmp:
@@ -74,20 +76,22 @@ def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], no
 
 def format_stage_table(stages: List[Dict]) -> str:
     """The stage table printed at the end of a run: quality, raw and zipped size, sparsity, latency and the
-    speed-up (median of interleaved rounds, ± its IQR); `!` marks a noisy timing, `*` a runtime change."""
+    speed-up (median over interleaved rotation cycles, [its 95% interval]); `!` marks a timing that did not
+    converge, `*` a runtime change."""
     def fmt(value, spec):
         return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
     lines = [f'{"stage":<10} {"F1-macro":>9} {"size MB":>8} {"zip MB":>8} {"nonzero":>11} {"sparsity":>9} '
-             f'{"p50 ms":>8} {"x smaller":>9} {"x faster":>15}']
+             f'{"p50 ms":>8} {"x smaller":>9} {"x faster [95% interval]":>24}']
     for s in stages:
-        faster = f'{fmt(s["speedup"], ".2f")} ± {fmt(s.get("speedup_iqr"), ".2f")}'
+        faster = f'{fmt(s["speedup"], ".2f")} [{fmt(s.get("speedup_ci_low"), ".2f")}, {fmt(s.get("speedup_ci_high"), ".2f")}]'
         faster += ('!' if s.get('latency_noisy') else '') + ('*' if s.get('speedup_includes_runtime_change') else '')
         lines.append(f'{s["stage"]:<10} {fmt(s["f1_macro"], ".4f"):>9} {fmt(s["size_mb"], ".2f"):>8} '
                      f'{fmt(s.get("size_mb_compressed"), ".2f"):>8} {s["params_nonzero"]:>11,} '
                      f'{fmt(s["sparsity_overall"], ".1%"):>9} {fmt(s["latency_ms_p50"], ".2f"):>8} '
-                     f'{fmt(s["compression_ratio"], ".2f"):>9} {faster:>15}')
+                     f'{fmt(s["compression_ratio"], ".2f"):>9} {faster:>24}')
     first = stages[0]
-    lines.append(f'x faster: median over interleaved rounds of the teacher/stage time ratio ± IQR; batch '
+    lines.append(f'x faster: median over interleaved rotation cycles of the teacher/stage time ratio [95% bootstrap '
+                 f'interval], {first.get("latency_rounds")} rounds in {fmt(first.get("latency_seconds"), ".1f")} s; batch '
                  f'{first.get("latency_batch_size")} x {first.get("latency_seq_len")} tokens, '
                  f'{first.get("latency_threads")} intra-op thread(s) in every runtime.')
     for s in stages:

@@ -253,14 +253,20 @@ class EvalSettings:
              'reuses the trained stages (training picks its best epoch at 0.5 whatever this says) and only re-scores '
              'and re-exports them.', low=0.0, high=1.0, low_open=True, high_open=True, result=False)
     latency_batch_size: int = setting(1, 'Batch size of the latency measurement.', low=1, result=False)
-    latency_runs: int = setting(30, 'Timed rounds: in each round every stage of the run predicts the latency batch once, '
-                                    'in an order rotated every round (after 3 warm-up rounds); at least 5 full rotations '
-                                    'are run.', low=1, result=False)
+    latency_runs: int = setting(30, 'Minimum timed rounds: in each round every stage of the run predicts the latency '
+                                    'batch once, in an order rotated every round (after 3 warm-up rounds); at least 5 '
+                                    'full rotations are run, then more until the numbers converge (--latency_budget_s).',
+                                low=1, result=False)
     latency_threads: int = setting(1, 'Intra-op threads of every runtime while timing (PyTorch and ONNX Runtime alike), '
                                       'recorded in the results.', low=1, result=False)
-    latency_noise_bound: float = setting(0.15, 'A stage whose latency or speed-up spread (interquartile range / median) '
-                                               'exceeds this is flagged noisy in the results and warned about.',
-                                         low=0.0, low_open=True, result=False)
+    latency_budget_s: float = setting(
+        60.0, "Seconds the interleaved timing may take: after --latency_runs rounds it goes on in whole rotation cycles "
+              "until every speed-up's 95%% interval, and the teacher's median latency's, is within --latency_tolerance "
+              'of its value, or this budget is spent; only a stage that did not converge is flagged noisy. 0: exactly '
+              '--latency_runs rounds (rounded up to a whole cycle).', low=0.0, result=False)
+    latency_tolerance: float = setting(
+        0.05, "Relative half-width (0.05 = +-5%%) that a speed-up's 95%% bootstrap interval over rotation cycles must "
+              'reach for the timing to count as converged.', low=0.0, high=0.5, low_open=True, result=False)
     measure_peak_memory: bool = setting(True, 'Skip the peak-memory measurement (without it, each stage is loaded once '
                                               'more in a fresh process to measure its peak resident memory, about 3 s '
                                               'per stage).', off_flag='--no_peak_memory', result=False)
