@@ -290,7 +290,7 @@ class StageStore:
             written = folder_size(path)
             kept = self.discard_all_but_resumable(path)
             raise disk_full_refusal(path, stage_space_estimate(written, made_from), f'stage {kind}-{key}',
-                                    f'About that much is needed to store the stage; its half-written files were removed'
+                                    'About that much is needed to store the stage; its half-written files were removed'
                                     + (f' (the whole checkpoint {kept} is kept, to resume from)' if kept else '')
                                     + ' and nothing was recorded as complete.') from exc
 
