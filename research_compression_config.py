@@ -349,6 +349,24 @@ def build_argument_parser() -> argparse.ArgumentParser:
            help='Hugging Face dataset id of --dataset_path, recorded as the card\'s dataset (otherwise the card names '
                 'the CSV file and no hub dataset).')
 
+    # settings: statistics (research_stats; docs/statistics.md). None is part of a stage's identity: they are
+    # applied when the stored stages are evaluated.
+    statistics = parser.add_argument_group('statistics (confidence intervals, paired tests, per-label thresholds)')
+    option(statistics, '--bootstrap_resamples', type=int, default=10000,
+           help='Bootstrap resamples of the test texts for the 95%% interval of every quality metric and the paired '
+                'tests of each stage against the teacher and its parent (0 or at least 1000; default 10000, as Dror '
+                'et al. 2018 advise; 0 turns the statistics off).')
+    option(statistics, '--significance_level', type=float, default=0.05,
+           help='Family-wise error rate of the paired tests (Holm-corrected over all comparisons of a run), in '
+                '(0, 0.5]; default 0.05.')
+    option(statistics, '--threshold_strategy', type=str, default='fixed', choices=['fixed', 'per_label'],
+           help='fixed: every label at --threshold. per_label: for every stage separately, each label\'s threshold '
+                'maximising its F1 on the validation split (never the test split); stored in the exported '
+                "stage's compression_info.json and used by its predict. Default fixed.")
+    option(statistics, '--min_threshold_positives', type=int, default=5,
+           help='With --threshold_strategy per_label, a label with fewer validation positives than this keeps '
+                '--threshold (at least 1; default 5).')
+
     store = parser.add_argument_group('stage store (--cache_dir)')
     option(store, '--cache_report', action='store_true',
            help='Print what --cache_dir holds (per stored stage: kind, key, size, when stored and last used, the '
@@ -479,6 +497,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    validate_statistics(args)
     for flag, folder, what in (('--output_dir', args.output_dir, 'results and models'),
                                ('--cache_dir', args.cache_dir, 'the stage store and caches')):
         problem = folder_problem(folder)
@@ -493,6 +512,23 @@ def validate_arguments(args: argparse.Namespace) -> None:
         if 'kd' not in PIPELINE_CONFIGS[pipeline].chain and len(PIPELINE_CONFIGS[pipeline].chain) > 1:
             # without KD, --trim_vocab trims the teacher entering prune/quant (KD's validate checks its student)
             validate_trimming(settings, settings.teacher_checkpoint or settings.teacher_path)
+
+
+# settings: statistics
+def validate_statistics(args) -> None:
+    """--bootstrap_resamples, --significance_level and --min_threshold_positives within their ranges."""
+    checks = [
+        (args.bootstrap_resamples == 0 or args.bootstrap_resamples >= 1000,
+         f'--bootstrap_resamples must be 0 (no statistics) or at least 1000 (fewer make the 2.5 % tails of a 95 % '
+         f'interval rest on a handful of resamples), got {args.bootstrap_resamples}. The default is 10000.'),
+        (0.0 < args.significance_level <= 0.5,
+         f'--significance_level must be in (0, 0.5], got {args.significance_level:g}; 0.05 is the usual choice.'),
+        (args.min_threshold_positives >= 1,
+         f'--min_threshold_positives must be at least 1 validation positive, got {args.min_threshold_positives}.'),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
 
 
 def stage_flow(settings, pipeline: str) -> List[str]:

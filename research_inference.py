@@ -51,6 +51,10 @@ class CompressedClassifier:
         self.max_length = max_length
         self.threshold = threshold
         self.info = info
+        # {label: threshold}: per-label thresholds tuned on validation (--threshold_strategy per_label), stored in
+        # compression_info.json as `thresholds`; otherwise `threshold` for every label
+        stored = info.get('thresholds') or {}
+        self.thresholds = {name: float(stored.get(name, threshold)) for name in self.label_names}
 
     def logits(self, batch: dict) -> np.ndarray:
         raise NotImplementedError
@@ -82,6 +86,13 @@ class CompressedClassifier:
             probs = sigmoid(self.logits(dict(batch)))
             results.extend({name: float(p) for name, p in zip(self.label_names, row)} for row in probs)
         return results
+
+    def predict_labels(self, texts: Sequence[str], batch_size: int = 32) -> List[List[str]]:
+        """Per text, the labels whose probability reaches that label's stored threshold (`thresholds`)."""
+        return [self.labels_of(probs) for probs in self.predict(texts, batch_size)]
+
+    def labels_of(self, probs: Dict[str, float]) -> List[str]:
+        return [name for name, p in probs.items() if p >= self.thresholds[name]]
 
 
 class TorchClassifier(CompressedClassifier):
@@ -189,9 +200,11 @@ def _write_info(model_dir: str, info: dict) -> None:
     os.replace(tmp, os.path.join(model_dir, INFO_FILE))
 
 
-def set_threshold(model_dir: str, threshold: float) -> None:
-    """The decision threshold the folder's model predicts labels at (an exported model carries its run's)."""
-    _write_info(model_dir, {**read_info(model_dir), 'threshold': threshold})
+def set_threshold(model_dir: str, threshold: float, thresholds: Optional[Dict[str, float]] = None) -> None:
+    """The decision threshold the folder's model predicts labels at (an exported model carries its run's), and
+    its per-label `thresholds` ({label: value}, tuned on validation) when there are some (else none is kept)."""
+    info = {k: v for k, v in read_info(model_dir).items() if k != 'thresholds'}
+    _write_info(model_dir, {**info, 'threshold': threshold, **({'thresholds': dict(thresholds)} if thresholds else {})})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +411,8 @@ def main(argv=None) -> int:
     if len(argv) < 2 or argv[0] in ('-h', '--help'):
         print('usage: python research_inference.py [--device cuda] MODEL_DIR "text" ["text" ...]\n'
               'Prints one JSON object of label probabilities per text; labels at or above the threshold of the\n'
-              "folder's compression_info.json (the --threshold of the run that saved it) are listed.\n"
+              "folder's compression_info.json (per label where it stores `thresholds`, else the --threshold of the\n"
+              'run that saved it) are listed.\n'
               '--device puts a PyTorch model (fp32, pruned, fp16/bf16) on that device (default: CPU); ONNX\n'
               'models (int8, int4) run on the CPU, bitsandbytes NF4/FP4 models on the GPU.')
         return 0 if argv and argv[0] in ('-h', '--help') else 2
@@ -408,7 +422,7 @@ def main(argv=None) -> int:
         print(f'error: {exc}', file=sys.stderr)
         return 2
     for text, probs in zip(argv[1:], model.predict(argv[1:])):
-        flagged = [name for name, p in probs.items() if p >= model.threshold]
+        flagged = model.labels_of(probs)
         print(json.dumps({'text': text, 'labels': flagged, 'probabilities': {k: round(v, 4) for k, v in probs.items()}},
                          ensure_ascii=False))
     return 0

@@ -40,6 +40,7 @@ from research_report import (CONFIG_JSON, RUN_LOG, STAGE_LOG, cache_report, capt
                              show_progress_bars, summarize_runs, write_json_atomically, write_pipeline_results,
                              write_plots, write_summary)
 from research_stages import WORK_DIR, StageNode, StageStore, stage_key
+from research_stats import add_statistics
 from research_training import resumable_checkpoint
 
 
@@ -144,7 +145,9 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
               f'({result["size_mb_compressed"]:.2f} MB zipped), p50 {result["latency_ms_p50"]:.2f} ms, '
               f'{result["speedup"]:.2f}x the teacher (batch {settings.latency_batch_size} x {settings.max_length} '
               f'tokens, {settings.latency_threads} thread(s))' + (' [noisy]' if result['latency_noisy'] else ''))
-    return {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
+    chains = {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
+    # 95 % bootstrap intervals and paired tests against the teacher and the parent, on shared resamples
+    return add_statistics(chains, settings.bootstrap_resamples, settings.seed, settings.significance_level)
 
 
 def prepare_folds(args) -> Dict[int, object]:

@@ -33,7 +33,9 @@ from research_files import (TEMPORARY_TAG, folder_size, fresh_folder_inside, rem
 from research_inference import read_info, set_threshold
 from research_kd import TEACHER_LOGITS_PREFIX
 from research_models import hub_model_id
+from research_plots import pareto_front, plot_quality_vs_cost, write_plots  # noqa: F401 (pareto_front: re-exported)
 from research_stages import STORE_FOLDER, StageStore, copy_stage
+from research_stats import SIGNIFICANCE_MARK, significance_legend, significance_mark, t_interval, with_interval
 from research_training import resumable_checkpoint
 
 RESULTS_JSON = 'results_final.json'
@@ -267,6 +269,7 @@ def flatten_stage(stage: Dict, label_names: Sequence[str]) -> Dict:
     for name in label_names:
         for metric, value in stage['per_label'][name].items():
             row[f'{name}_{metric}'] = value
+        row[f'{name}_threshold'] = (stage.get('thresholds') or {}).get(name)
     return row
 
 
@@ -295,7 +298,7 @@ def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], no
         for note in fresh_folder_inside(args.output_dir, target):
             print(f'[output] {note}')
         copy_stage(node, target)
-        set_threshold(target, args.threshold)
+        set_threshold(target, args.threshold, stage.get('thresholds') if args.threshold_strategy == 'per_label' else None)
         stage['model_dir'] = os.path.abspath(target)
         write_model_card(target, pipeline, stage, vars(args))
 
@@ -305,16 +308,21 @@ def format_stage_table(stages: List[Dict]) -> str:
     speed-up (median of interleaved rounds, ± its IQR); `!` marks a noisy timing, `*` a runtime change."""
     def fmt(value, spec):
         return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-    lines = [f'{"stage":<10} {"F1-macro":>9} {"size MB":>8} {"zip MB":>8} {"nonzero":>11} {"sparsity":>9} '
+    lines = [f'{"stage":<10} {"F1-macro [95% CI]":>24} {"size MB":>8} {"zip MB":>8} {"nonzero":>11} {"sparsity":>9} '
              f'{"p50 ms":>8} {"x smaller":>9} {"x faster":>15}']
     for s in stages:
         faster = f'{fmt(s["speedup"], ".2f")} ± {fmt(s.get("speedup_iqr"), ".2f")}'
         faster += ('!' if s.get('latency_noisy') else '') + ('*' if s.get('speedup_includes_runtime_change') else '')
-        lines.append(f'{s["stage"]:<10} {fmt(s["f1_macro"], ".4f"):>9} {fmt(s["size_mb"], ".2f"):>8} '
+        quality = with_interval(s['f1_macro'], s.get('f1_macro_ci_low'), s.get('f1_macro_ci_high')) + significance_mark(s)
+        lines.append(f'{s["stage"]:<10} {quality:>24} {fmt(s["size_mb"], ".2f"):>8} '
                      f'{fmt(s.get("size_mb_compressed"), ".2f"):>8} {s["params_nonzero"]:>11,} '
                      f'{fmt(s["sparsity_overall"], ".1%"):>9} {fmt(s["latency_ms_p50"], ".2f"):>8} '
                      f'{fmt(s["compression_ratio"], ".2f"):>9} {faster:>15}')
     first = stages[0]
+    lines.append(significance_legend(first.get('statistics')))
+    if first.get('threshold_strategy') == 'per_label':
+        lines.append('Thresholds: per label, tuned on the validation split for each stage (macro-F1 at --threshold: '
+                     + ', '.join(f'{s["stage"]} {fmt(s.get("f1_macro_at_default_threshold"), ".4f")}' for s in stages) + ').')
     lines.append(f'x faster: median over interleaved rounds of the teacher/stage time ratio ± IQR; batch '
                  f'{first.get("latency_batch_size")} x {first.get("latency_seq_len")} tokens, '
                  f'{first.get("latency_threads")} intra-op thread(s) in every runtime.')
@@ -335,26 +343,84 @@ def format_stage_table(stages: List[Dict]) -> str:
 def final_stage_row(pipeline: str, stages: List[Dict], label_names: Sequence[str], run: str) -> Dict:
     """One row per pipeline run: the final stage's metrics, per-label F1 and deltas against the baseline."""
     final, base = stages[-1], stages[0]
+    final = {**final, 'baseline_f1_macro': base['f1_macro'], 'baseline_f1_macro_ci_low': base.get('f1_macro_ci_low'),
+             'baseline_f1_macro_ci_high': base.get('f1_macro_ci_high')}
     row = {'pipeline': pipeline, 'run': run}
     row.update({m: final.get(m) for m in SUMMARY_METRICS})
     row.update({f'f1_{label}': final['per_label'][label]['f1'] for label in label_names})
+    for label in label_names:
+        for side in ('low', 'high'):
+            if f'f1_ci_{side}' in final['per_label'][label]:
+                row[f'f1_{label}_ci_{side}'] = final['per_label'][label][f'f1_ci_{side}']
     row.update({f'delta_{m}': final[m] - base[m] for m in DELTA_METRICS})
+    row.update({field: final.get(field) for field in STATISTICS_FIELDS if field in final})
     return row
+
+
+# The statistics of a final stage carried into the ablation summary and the sweep report (research_stats)
+STATISTICS_FIELDS = ['f1_macro_ci_low', 'f1_macro_ci_high', 'f1_weighted_ci_low', 'f1_weighted_ci_high',
+                     'f1_micro_ci_low', 'f1_micro_ci_high', 'exact_match_ci_low', 'exact_match_ci_high',
+                     'roc_auc_macro', 'roc_auc_macro_ci_low', 'roc_auc_macro_ci_high', 'delta_f1_macro_ci_low',
+                     'delta_f1_macro_ci_high', 'p_vs_baseline', 'p_vs_parent', 'significant_vs_baseline',
+                     'f1_macro_at_default_threshold', 'test_texts', 'baseline_f1_macro', 'baseline_f1_macro_ci_low',
+                     'baseline_f1_macro_ci_high']
+# Between-run (seed/fold) t intervals of the mean, in the summary of several runs per pipeline
+T_INTERVAL_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'delta_f1_macro']
 
 
 def summarize_runs(rows: List[Dict]) -> pd.DataFrame:
     """Mean and (when there are several runs per pipeline) standard deviation of every column, in the
     order the pipelines first appear."""
     frame = pd.DataFrame(rows)
+    if 'significant_vs_baseline' in frame:   # True/False/None -> 1/0/NaN, so it averages like the rest
+        frame['significant_vs_baseline'] = [np.nan if v is None else float(v) for v in frame['significant_vs_baseline']]
     order = list(dict.fromkeys(frame['pipeline']))
     numeric = [c for c in frame.columns if c not in ('pipeline', 'run')]
     grouped = frame.groupby('pipeline', sort=False)[numeric]
     summary = grouped.mean()
     if frame.groupby('pipeline').size().max() > 1:
         spread = grouped.std(ddof=1).add_suffix('_std')
-        summary = summary.join(spread)
+        summary = summary.join(spread).join(between_run_intervals(frame))
     summary.insert(0, 'runs', frame.groupby('pipeline', sort=False).size())
     return summary.loc[order].reset_index()
+
+
+def between_run_intervals(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per pipeline, the 95 % Student-t interval of the mean over its runs (seeds, folds) of the quality
+    metrics (`<metric>_mean_ci_low/_high`), and in how many runs the final stage was significantly different
+    from the teacher (`significant_runs`)."""
+    rows = {}
+    for pipeline, group in frame.groupby('pipeline', sort=False):
+        row = {}
+        for metric in (m for m in group if m in T_INTERVAL_METRICS or f'{m}_ci_low' in group):
+            interval = t_interval(group[metric].tolist())
+            row[f'{metric}_mean_ci_low'], row[f'{metric}_mean_ci_high'] = interval['ci_low'], interval['ci_high']
+        if 'significant_vs_baseline' in group:
+            row['significant_runs'] = int(group['significant_vs_baseline'].fillna(False).astype(bool).sum())
+        rows[pipeline] = row
+    return pd.DataFrame.from_dict(rows, orient='index')
+
+
+def quality_cell(row, metric: str = 'f1_macro') -> str:
+    """A summary cell with its interval: the bootstrap interval of a single run, or mean ± std with the t
+    interval of the mean over several; marked when significantly different from the teacher (in every run)."""
+    runs = int(row.get('runs', 1) or 1)
+    significant = row.get('significant_runs') == runs if runs > 1 else row.get('significant_vs_baseline') == 1
+    mark = SIGNIFICANCE_MARK if significant and metric == 'f1_macro' else ''
+    if runs > 1:
+        text = _cell(row.get(metric), row.get(f'{metric}_std'))
+        low, high = row.get(f'{metric}_mean_ci_low'), row.get(f'{metric}_mean_ci_high')
+        return (text + (f' [{low:.3f}, {high:.3f}]' if _finite(low) and _finite(high) else '') + mark)
+    return with_interval(row.get(metric), _finite_or_none(row.get(f'{metric}_ci_low')),
+                         _finite_or_none(row.get(f'{metric}_ci_high'))) + mark
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _finite_or_none(value):
+    return value if _finite(value) else None
 
 
 def _cell(value, std=None, spec='.4f'):
@@ -367,6 +433,7 @@ def _cell(value, std=None, spec='.4f'):
 
 
 def summary_markdown(summary: pd.DataFrame, label_names: Sequence[str], split_note: str) -> str:
+    with_intervals = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match']
     columns = [('f1_macro', '.4f'), ('delta_f1_macro', '+.4f'), ('f1_weighted', '.4f'), ('f1_micro', '.4f'),
                ('exact_match', '.4f'), ('size_mb', '.2f'), ('size_mb_compressed', '.2f'), ('compression_ratio', '.2f'),
                ('compression_ratio_compressed', '.2f'), ('params_nonzero', ',.0f'), ('sparsity_overall', '.1%'),
@@ -376,13 +443,28 @@ def summary_markdown(summary: pd.DataFrame, label_names: Sequence[str], split_no
     lines = [f'Scored on {split_note}. Cells are mean ± std over runs where there are several; deltas are against '
              '`baseline` (the teacher) of the same run. `speedup` is the median over interleaved timing rounds of '
              'the teacher/stage time ratio (`speedup_iqr` its interquartile range); `size_mb_compressed` is the '
-             'weight files zipped (DEFLATE).', '',
+             'weight files zipped (DEFLATE).', '', interval_legend(summary), '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for _, row in summary.iterrows():
         cells = [row['pipeline'], str(int(row['runs']))]
-        cells += [_cell(row.get(c), row.get(f'{c}_std'), spec) for c, spec in columns]
+        cells += [quality_cell(row, c) if c in with_intervals else _cell(row.get(c), row.get(f'{c}_std'), spec)
+                  for c, spec in columns]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
+
+
+def interval_legend(summary: pd.DataFrame) -> str:
+    """What the brackets and the mark of the summary's quality cells are."""
+    if 'f1_macro_ci_low' not in summary or summary['f1_macro_ci_low'].isna().all():
+        return 'No intervals: statistics were off (--bootstrap_resamples 0).'
+    if int(summary['runs'].max()) > 1:
+        return ('[a, b]: 95 % Student-t interval of the mean over the runs (seeds/folds); '
+                f'{SIGNIFICANCE_MARK} = macro-F1 significantly different from the teacher in every run (paired '
+                'bootstrap over the test texts, Holm-corrected over the comparisons of each run).')
+    texts = summary['test_texts'].dropna()
+    return (f'[a, b]: 95 % percentile-bootstrap interval over the {int(texts.iloc[0]) if len(texts) else "?"} test '
+            f'texts; {SIGNIFICANCE_MARK} = macro-F1 significantly different from the teacher (paired bootstrap, '
+            'Holm-corrected over all comparisons of the run; see docs/statistics.md).')
 
 
 def write_summary(summary: pd.DataFrame, output_dir: str, label_names: Sequence[str], split_note: str,
@@ -390,76 +472,6 @@ def write_summary(summary: pd.DataFrame, output_dir: str, label_names: Sequence[
     summary.to_csv(os.path.join(output_dir, f'{basename}.csv'), index=False)
     with open(os.path.join(output_dir, f'{basename}.md'), 'w', encoding='utf-8') as fh:
         fh.write(summary_markdown(summary, label_names, split_note))
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------------
-
-def pareto_front(cost: np.ndarray, quality: np.ndarray) -> np.ndarray:
-    """Indices of points no other point beats on both axes (lower cost and higher quality), by cost."""
-    order = np.lexsort((-quality, cost))
-    front, best = [], -np.inf
-    for i in order:
-        if quality[i] > best:
-            front.append(i)
-            best = quality[i]
-    return np.asarray(front, dtype=int)
-
-
-def plot_quality_vs_cost(summary: pd.DataFrame, cost: str, xlabel: str, path: str, log_x: bool = False) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    x, y = summary[cost].to_numpy(float), summary['f1_macro'].to_numpy(float)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    xerr = summary.get(f'{cost}_std')
-    yerr = summary.get('f1_macro_std')
-    ax.errorbar(x, y, xerr=None if xerr is None else xerr.to_numpy(float), yerr=None if yerr is None else yerr.to_numpy(float),
-                fmt='o', color='tab:blue', ecolor='lightgray', capsize=2)
-    for xi, yi, name in zip(x, y, summary['pipeline']):
-        ax.annotate(name, (xi, yi), textcoords='offset points', xytext=(4, 4), fontsize=8)
-    front = pareto_front(x, y)
-    ax.plot(x[front], y[front], '--', color='tab:red', label='Pareto front')
-    ax.scatter(x[front], y[front], s=90, facecolors='none', edgecolors='tab:red')
-    if log_x:
-        ax.set_xscale('log')
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel('macro-F1 (test)')
-    ax.grid(alpha=0.3)
-    ax.margins(x=0.15, y=0.1)  # room for the pipeline names next to the outermost points
-    ax.legend(loc='best')
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_per_label_f1(summary: pd.DataFrame, label_names: Sequence[str], path: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(summary)), 4.4))
-    width = 0.8 / len(label_names)
-    positions = np.arange(len(summary))
-    for j, label in enumerate(label_names):
-        ax.bar(positions + j * width, summary[f'f1_{label}'], width, label=label)
-    ax.set_xticks(positions + width * (len(label_names) - 1) / 2)
-    ax.set_xticklabels(summary['pipeline'], rotation=30, ha='right')
-    ax.set_ylabel('F1 (test)')
-    ax.set_ylim(0, 1)
-    ax.legend(ncol=len(label_names), fontsize=8, loc='upper center', bbox_to_anchor=(0.5, 1.12))
-    ax.grid(axis='y', alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_plots(summary: pd.DataFrame, output_dir: str, label_names: Sequence[str]) -> List[str]:
-    paths = [os.path.join(output_dir, name) for name in ('f1_vs_size.png', 'f1_vs_latency.png', 'per_label_f1.png')]
-    plot_quality_vs_cost(summary, 'size_mb', 'size on disk (MB)', paths[0])
-    plot_quality_vs_cost(summary, 'latency_ms_p50', 'CPU latency p50 (ms)', paths[1])
-    plot_per_label_f1(summary, label_names, paths[2])
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,21 +602,47 @@ def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str
              '## How it was made', '', f'Data: `{config.get("dataset_path")}` (max_length {config.get("max_length")}, '
              f'seed {config.get("seed")}).', '']
     lines += [f'- {k}: `{v}`' for k, v in settings.items() if v is not None]
-    lines += ['', '## Metrics (test split)', '', '| metric | value |', '|---|---|']
+    lines += ['', '## Metrics (test split)', ''] + card_statistics_lines(result) + ['', '| metric | value |', '|---|---|']
     for key in ('f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro', 'size_mb',
                 'size_mb_compressed', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
                 'vocab_size', 'latency_ms_p50', 'latency_ms_p95', 'compression_ratio', 'speedup', 'speedup_iqr'):
         value = result.get(key)
-        lines.append(f'| {key} | {value:.4g} |' if isinstance(value, float) else f'| {key} | {value} |')
-    lines += ['', '| label | precision | recall | F1 | ROC-AUC |', '|---|---|---|---|---|']
+        if f'{key}_ci_low' in result:
+            lines.append(f'| {key} | {with_interval(value, result[f"{key}_ci_low"], result[f"{key}_ci_high"])} |')
+        else:
+            lines.append(f'| {key} | {value:.4g} |' if isinstance(value, float) else f'| {key} | {value} |')
+    lines += ['', '| label | threshold | precision | recall | F1 [95% CI] | ROC-AUC |', '|---|---|---|---|---|---|']
+    thresholds = result.get('thresholds') or {}
     for label, m in result['per_label'].items():
         auc = '-' if m['roc_auc'] is None else f'{m["roc_auc"]:.3f}'
-        lines.append(f'| {label} | {m["precision"]:.3f} | {m["recall"]:.3f} | {m["f1"]:.3f} | {auc} |')
+        cut = f'{thresholds[label]:.3f}' if label in thresholds else '-'
+        f1 = with_interval(m['f1'], m.get('f1_ci_low'), m.get('f1_ci_high'), '.3f')
+        lines.append(f'| {label} | {cut} | {m["precision"]:.3f} | {m["recall"]:.3f} | {f1} | {auc} |')
     lines += ['', f'Latency: batch {result.get("latency_batch_size")} x {result.get("latency_seq_len")} tokens on '
               f'{result.get("latency_device")}.', '', '## Load it', '']
     lines += usage_snippet(model_dir, info)
     metadata = card_metadata(pipeline, result, config, info)
     return f'---\n{metadata.to_yaml()}\n---\n\n' + '\n'.join(lines)
+
+
+def card_statistics_lines(result: Dict) -> List[str]:
+    """How many test texts the metrics rest on, what their intervals are, how the stage compares with the
+    teacher, and where its decision thresholds come from."""
+    record = result.get('statistics')
+    lines = [f'Scored on {result.get("test_texts", "?")} test texts. '
+             + (f'Brackets: 95 % percentile-bootstrap interval over those texts ({record["resamples"]:,} resamples).'
+                if record else 'No intervals were computed (--bootstrap_resamples 0).')]
+    if record and result.get('p_vs_baseline') is not None:
+        verdict = 'significantly different from' if result.get('significant_vs_baseline') else 'not significantly different from'
+        lines.append(f'Macro-F1 {result.get("f1_macro_delta_vs_baseline", 0):+.4f} against the teacher, 95 % interval '
+                     f'[{result["delta_f1_macro_ci_low"]:+.3f}, {result["delta_f1_macro_ci_high"]:+.3f}] (paired '
+                     f'bootstrap), p = {result["p_vs_baseline"]:.3g} Holm-corrected over {record["comparisons"]} '
+                     f'comparison(s): {verdict} the teacher at alpha {record["significance_level"]:g}.')
+    if result.get('threshold_strategy') == 'per_label':
+        lines.append('Decision thresholds: per label, the F1-optimal threshold on the validation split (stored in '
+                     f'compression_info.json and used by `predict_labels`); macro-F1 at the default threshold would be '
+                     f'{result.get("f1_macro_at_default_threshold", float("nan")):.4f}.')
+    return [' '.join(lines)]
 
 
 def write_model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> None:
