@@ -15,7 +15,8 @@ import pandas as pd
 
 LOG_AXIS_RATIO = 40           # largest / smallest cost at which the cost axis turns logarithmic
 ZERO_BAR = 0.012              # height of the stub that shows a bar of F1 exactly 0
-LABEL_OFFSETS = [(6, 6), (6, -14), (-6, 6), (-6, -14), (6, 18), (-6, 18), (6, -26), (-6, -26)]   # points
+LABEL_OFFSETS = [(8, 8), (8, -8), (-8, 8), (-8, -8), (14, 20), (-14, 20), (14, -20), (-14, -20),
+                 (20, 32), (-20, 32), (20, -32), (-20, -32)]   # points from the marker, nearest first
 
 
 def pyplot():
@@ -44,7 +45,7 @@ def quality_interval(summary: pd.DataFrame, metric: str = 'f1_macro') -> Tuple[n
     several = column('runs') > 1
     low = np.where(several, column(f'{metric}_mean_ci_low'), column(f'{metric}_ci_low'))
     high = np.where(several, column(f'{metric}_mean_ci_high'), column(f'{metric}_ci_high'))
-    return low, high
+    return np.clip(low, 0, 1), np.clip(high, 0, 1)   # a t interval of two runs can pass the bounds of an F1
 
 
 def significantly_worse(summary: pd.DataFrame) -> np.ndarray:
@@ -61,27 +62,32 @@ def significantly_worse(summary: pd.DataFrame) -> np.ndarray:
 
 
 def place_labels(ax, x: np.ndarray, y: np.ndarray, names: Sequence[str]) -> None:
-    """Annotate each point with its name at the first offset whose text box overlaps no earlier name and no
-    other point (greedy, in display coordinates)."""
+    """Annotate each point with its name at the nearest offset whose text box overlaps no earlier name and no
+    other point; where none is clear, at the offset with the fewest overlaps, names first (greedy, in display
+    coordinates: call after the layout is final)."""
     renderer = ax.figure.canvas.get_renderer()
     points = ax.transData.transform(np.column_stack([x, y]))
     taken = []
     for i, name in enumerate(names):
-        chosen = None
+        best = None
         for dx, dy in LABEL_OFFSETS:
+            # a thin leader line keeps a name moved away from its point attached to it
             text = ax.annotate(name, (x[i], y[i]), textcoords='offset points', xytext=(dx, dy), fontsize=8,
-                               ha='left' if dx > 0 else 'right')
-            box = text.get_window_extent(renderer).expanded(1.05, 1.15)
-            clear = (not any(box.overlaps(t) for t in taken)
-                     and not any(box.contains(px, py) for j, (px, py) in enumerate(points) if j != i))
-            if clear:
-                chosen = (text, box)
+                               ha='left' if dx > 0 else 'right', va='center',
+                               arrowprops=dict(arrowstyle='-', color='gray', lw=0.5, shrinkA=0, shrinkB=3))
+            box = text.get_window_extent(renderer).padded(2)
+            padded = box.padded(5)                          # a marker is about 5 px in radius
+            clashes = (sum(box.overlaps(t) for t in taken),
+                       sum(padded.contains(px, py) for j, (px, py) in enumerate(points) if j != i))
+            if best is None or clashes < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (clashes, text, box)
+            else:
+                text.remove()
+            if clashes == (0, 0):
                 break
-            text.remove()
-        if chosen is None:   # nowhere clear: the first offset, drawn anyway
-            text = ax.annotate(name, (x[i], y[i]), textcoords='offset points', xytext=LABEL_OFFSETS[0], fontsize=8)
-            chosen = (text, text.get_window_extent(renderer))
-        taken.append(chosen[1])
+        taken.append(best[2])
 
 
 def draw_teacher_reference(ax, summary: pd.DataFrame) -> None:
@@ -125,10 +131,10 @@ def plot_quality_vs_cost(summary: pd.DataFrame, cost: str, xlabel: str, path: st
     ax.set_ylabel('macro-F1 (test)')
     ax.grid(alpha=0.3)
     ax.margins(x=0.18, y=0.12)   # room for the names next to the outermost points
+    ax.legend(loc='best', fontsize=7)
+    fig.tight_layout()      # before the names are placed: a later layout change would move the points under them
     fig.canvas.draw()
     place_labels(ax, x, y, list(summary['pipeline']))
-    ax.legend(loc='best', fontsize=7)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -141,24 +147,28 @@ def plot_per_label_f1(summary: pd.DataFrame, label_names: Sequence[str], path: s
     fig, ax = plt.subplots(figsize=(max(7.2, 1.3 * len(summary)), 4.8))
     width = 0.8 / len(label_names)
     positions = np.arange(len(summary))
+    colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    handles = []
     for j, label in enumerate(label_names):
         values = summary[f'f1_{label}'].to_numpy(float)
         where = positions + j * width
-        bars = ax.bar(where, np.where(values == 0, ZERO_BAR, values), width, label=label)
+        color = colors[j % len(colors)]
+        bars = ax.bar(where, np.where(values == 0, ZERO_BAR, values), width, color=color)
+        handles.append(plt.Rectangle((0, 0), 1, 1, color=color, label=label))   # unhatched, whatever bar 0 is
         low, high = quality_interval(summary, f'f1_{label}')
         if np.isfinite(low).any():
             ax.errorbar(where, values, yerr=np.vstack([np.nan_to_num(values - low), np.nan_to_num(high - values)]),
                         fmt='none', ecolor='black', elinewidth=0.7, capsize=1.5)
-        for bar, value in zip(bars, values):
-            if value == 0:
+        for bar, value, top in zip(bars, values, np.nan_to_num(high, nan=0.0)):
+            if value == 0:   # a hatched stub, with "0" above it and its error bar
                 bar.set_hatch('////')
                 bar.set_edgecolor('black')
-                ax.text(bar.get_x() + bar.get_width() / 2, ZERO_BAR + 0.01, '0', ha='center', fontsize=7)
+                ax.text(bar.get_x() + bar.get_width() / 2, max(top, ZERO_BAR) + 0.012, '0', ha='center', fontsize=7)
     ax.set_xticks(positions + width * (len(label_names) - 1) / 2)
     ax.set_xticklabels(summary['pipeline'], rotation=30, ha='right')
     ax.set_ylabel('F1 (test)')
     ax.set_ylim(0, 1.05)
-    ax.legend(ncol=len(label_names), fontsize=8, loc='upper center', bbox_to_anchor=(0.5, 1.13))
+    ax.legend(handles=handles, ncol=len(label_names), fontsize=8, loc='upper center', bbox_to_anchor=(0.5, 1.13))
     ax.grid(axis='y', alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -396,7 +396,7 @@ def between_run_intervals(frame: pd.DataFrame) -> pd.DataFrame:
             interval = t_interval(group[metric].tolist())
             row[f'{metric}_mean_ci_low'], row[f'{metric}_mean_ci_high'] = interval['ci_low'], interval['ci_high']
         if 'significant_vs_baseline' in group:
-            row['significant_runs'] = int(group['significant_vs_baseline'].fillna(False).astype(bool).sum())
+            row['significant_runs'] = int((group['significant_vs_baseline'] == 1).sum())
         rows[pipeline] = row
     return pd.DataFrame.from_dict(rows, orient='index')
 
