@@ -33,9 +33,11 @@ from research_files import (TEMPORARY_TAG, folder_size, fresh_folder_inside, rem
 from research_inference import read_info, set_threshold
 from research_kd import TEACHER_LOGITS_PREFIX
 from research_models import hub_model_id
-from research_plots import pareto_front, plot_quality_vs_cost, write_plots  # noqa: F401 (pareto_front: re-exported)
+from research_plots import pareto_front, plot_quality_vs_cost, write_plots  # noqa: F401 (re-exported)
 from research_stages import STORE_FOLDER, StageStore, copy_stage
-from research_stats import SIGNIFICANCE_MARK, significance_legend, significance_mark, t_interval, with_interval
+from research_stat_tables import (STATISTICS_FIELDS, between_run_intervals, card_statistics_lines, interval_legend,
+                                 quality_cell)
+from research_stats import significance_legend, significance_mark, with_interval
 from research_training import resumable_checkpoint
 
 RESULTS_JSON = 'results_final.json'
@@ -357,17 +359,6 @@ def final_stage_row(pipeline: str, stages: List[Dict], label_names: Sequence[str
     return row
 
 
-# The statistics of a final stage carried into the ablation summary and the sweep report (research_stats)
-STATISTICS_FIELDS = ['f1_macro_ci_low', 'f1_macro_ci_high', 'f1_weighted_ci_low', 'f1_weighted_ci_high',
-                     'f1_micro_ci_low', 'f1_micro_ci_high', 'exact_match_ci_low', 'exact_match_ci_high',
-                     'roc_auc_macro', 'roc_auc_macro_ci_low', 'roc_auc_macro_ci_high', 'delta_f1_macro_ci_low',
-                     'delta_f1_macro_ci_high', 'p_vs_baseline', 'p_vs_parent', 'significant_vs_baseline',
-                     'f1_macro_at_default_threshold', 'test_texts', 'baseline_f1_macro', 'baseline_f1_macro_ci_low',
-                     'baseline_f1_macro_ci_high']
-# Between-run (seed/fold) t intervals of the mean, in the summary of several runs per pipeline
-T_INTERVAL_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'delta_f1_macro']
-
-
 def summarize_runs(rows: List[Dict]) -> pd.DataFrame:
     """Mean and (when there are several runs per pipeline) standard deviation of every column, in the
     order the pipelines first appear."""
@@ -383,44 +374,6 @@ def summarize_runs(rows: List[Dict]) -> pd.DataFrame:
         summary = summary.join(spread).join(between_run_intervals(frame))
     summary.insert(0, 'runs', frame.groupby('pipeline', sort=False).size())
     return summary.loc[order].reset_index()
-
-
-def between_run_intervals(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per pipeline, the 95 % Student-t interval of the mean over its runs (seeds, folds) of the quality
-    metrics (`<metric>_mean_ci_low/_high`), and in how many runs the final stage was significantly different
-    from the teacher (`significant_runs`)."""
-    rows = {}
-    for pipeline, group in frame.groupby('pipeline', sort=False):
-        row = {}
-        for metric in (m for m in group if m in T_INTERVAL_METRICS or f'{m}_ci_low' in group):
-            interval = t_interval(group[metric].tolist())
-            row[f'{metric}_mean_ci_low'], row[f'{metric}_mean_ci_high'] = interval['ci_low'], interval['ci_high']
-        if 'significant_vs_baseline' in group:
-            row['significant_runs'] = int((group['significant_vs_baseline'] == 1).sum())
-        rows[pipeline] = row
-    return pd.DataFrame.from_dict(rows, orient='index')
-
-
-def quality_cell(row, metric: str = 'f1_macro') -> str:
-    """A summary cell with its interval: the bootstrap interval of a single run, or mean ± std with the t
-    interval of the mean over several; marked when significantly different from the teacher (in every run)."""
-    runs = int(row.get('runs', 1) or 1)
-    significant = row.get('significant_runs') == runs if runs > 1 else row.get('significant_vs_baseline') == 1
-    mark = SIGNIFICANCE_MARK if significant and metric == 'f1_macro' else ''
-    if runs > 1:
-        text = _cell(row.get(metric), row.get(f'{metric}_std'))
-        low, high = row.get(f'{metric}_mean_ci_low'), row.get(f'{metric}_mean_ci_high')
-        return (text + (f' [{low:.3f}, {high:.3f}]' if _finite(low) and _finite(high) else '') + mark)
-    return with_interval(row.get(metric), _finite_or_none(row.get(f'{metric}_ci_low')),
-                         _finite_or_none(row.get(f'{metric}_ci_high'))) + mark
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _finite_or_none(value):
-    return value if _finite(value) else None
 
 
 def _cell(value, std=None, spec='.4f'):
@@ -451,20 +404,6 @@ def summary_markdown(summary: pd.DataFrame, label_names: Sequence[str], split_no
                   for c, spec in columns]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
-
-
-def interval_legend(summary: pd.DataFrame) -> str:
-    """What the brackets and the mark of the summary's quality cells are."""
-    if 'f1_macro_ci_low' not in summary or summary['f1_macro_ci_low'].isna().all():
-        return 'No intervals: statistics were off (--bootstrap_resamples 0).'
-    if int(summary['runs'].max()) > 1:
-        return ('[a, b]: 95 % Student-t interval of the mean over the runs (seeds/folds); '
-                f'{SIGNIFICANCE_MARK} = macro-F1 significantly different from the teacher in every run (paired '
-                'bootstrap over the test texts, Holm-corrected over the comparisons of each run).')
-    texts = summary['test_texts'].dropna()
-    return (f'[a, b]: 95 % percentile-bootstrap interval over the {int(texts.iloc[0]) if len(texts) else "?"} test '
-            f'texts; {SIGNIFICANCE_MARK} = macro-F1 significantly different from the teacher (paired bootstrap, '
-            'Holm-corrected over all comparisons of the run; see docs/statistics.md).')
 
 
 def write_summary(summary: pd.DataFrame, output_dir: str, label_names: Sequence[str], split_note: str,
@@ -623,26 +562,6 @@ def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str
     lines += usage_snippet(model_dir, info)
     metadata = card_metadata(pipeline, result, config, info)
     return f'---\n{metadata.to_yaml()}\n---\n\n' + '\n'.join(lines)
-
-
-def card_statistics_lines(result: Dict) -> List[str]:
-    """How many test texts the metrics rest on, what their intervals are, how the stage compares with the
-    teacher, and where its decision thresholds come from."""
-    record = result.get('statistics')
-    lines = [f'Scored on {result.get("test_texts", "?")} test texts. '
-             + (f'Brackets: 95 % percentile-bootstrap interval over those texts ({record["resamples"]:,} resamples).'
-                if record else 'No intervals were computed (--bootstrap_resamples 0).')]
-    if record and result.get('p_vs_baseline') is not None:
-        verdict = 'significantly different from' if result.get('significant_vs_baseline') else 'not significantly different from'
-        lines.append(f'Macro-F1 {result.get("f1_macro_delta_vs_baseline", 0):+.4f} against the teacher, 95 % interval '
-                     f'[{result["delta_f1_macro_ci_low"]:+.3f}, {result["delta_f1_macro_ci_high"]:+.3f}] (paired '
-                     f'bootstrap), p = {result["p_vs_baseline"]:.3g} Holm-corrected over {record["comparisons"]} '
-                     f'comparison(s): {verdict} the teacher at alpha {record["significance_level"]:g}.')
-    if result.get('threshold_strategy') == 'per_label':
-        lines.append('Decision thresholds: per label, the F1-optimal threshold on the validation split (stored in '
-                     f'compression_info.json and used by `predict_labels`); macro-F1 at the default threshold would be '
-                     f'{result.get("f1_macro_at_default_threshold", float("nan")):.4f}.')
-    return [' '.join(lines)]
 
 
 def write_model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> None:

@@ -193,3 +193,27 @@ def test_changing_test_labels_never_changes_a_tuned_threshold(teacher_checkpoint
         results.append(evaluate_saved_model(classifier, teacher_checkpoint, splits, [], settings))
     assert results[0]['f1_macro'] != results[1]['f1_macro']        # the test labels did change the score
     assert results[0]['thresholds'] == results[1]['thresholds']    # and never a threshold
+
+
+def test_stage_table_and_summary_show_intervals_and_mark_significance():
+    from research_report import format_stage_table, summarize_runs, summary_markdown, final_stage_row
+    y, pred, probs = synthetic(200, seed=2)
+    worse = pred.copy()
+    worse[:80] = 1 - y[:80]
+    common = {'size_mb': 1.0, 'size_mb_compressed': 1.0, 'params_nonzero': 10, 'sparsity_overall': 0.0,
+              'latency_ms_p50': 1.0, 'compression_ratio': 1.0, 'speedup': 1.0, 'exact_match': 0.1, 'f1_weighted': 0.5,
+              'f1_micro': 0.5}
+
+    def stage(name, key, p):
+        f1 = rs.resampled_f1_metrics(y, p, np.ones((1, len(y)), np.float32))
+        return {**common, 'stage': name, 'stage_key': key, 'f1_macro': float(f1['f1_macro'][0]),
+                'test_texts': len(y), 'per_label': {label: {'f1': float(f1['per_label_f1'][0, j])} for j, label in enumerate(LABELS)},
+                rs.PREDICTIONS: (y, p, probs)}
+    chain = rs.add_statistics({'p': [stage('baseline', 't', pred), stage('quant', 'q', worse)]}, 2000, 0, 0.05)['p']
+    table = format_stage_table(chain)
+    low, high = chain[1]['f1_macro_ci_low'], chain[1]['f1_macro_ci_high']
+    assert f'{chain[1]["f1_macro"]:.4f} [{low:.3f}, {high:.3f}]*' in table
+    assert '* = macro-F1 significantly different from the teacher' in table
+    summary = summarize_runs([final_stage_row('p', chain, LABELS, 'r')])
+    markdown = summary_markdown(summary, LABELS, 'fold 0')
+    assert f'{chain[1]["f1_macro"]:.4f} [{low:.3f}, {high:.3f}]*' in markdown and '200 test texts' in markdown
