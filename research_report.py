@@ -683,6 +683,15 @@ def aggregate_runs(paths: Sequence[str]) -> Tuple[pd.DataFrame, List[str]]:
     return frame, varying
 
 
+def with_interval_column(frame: pd.DataFrame, shown: List[str]) -> List[str]:
+    """The sweep table's columns with macro-F1 shown as 'value [low, high]' and marked where significantly
+    different from its own run's teacher (research_stat_tables.quality_cell), when the runs have intervals."""
+    if 'f1_macro_ci_low' not in frame:
+        return shown
+    frame['f1_macro [95% CI]'] = [quality_cell({**row, 'runs': 1}) for row in frame.to_dict('records')]
+    return [('f1_macro [95% CI]' if c == 'f1_macro' else c) for c in shown]
+
+
 def plot_sweep(frame: pd.DataFrame, parameter: str, path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -710,6 +719,7 @@ def main(argv=None) -> int:
     os.makedirs(parsed.output, exist_ok=True)
     frame.to_csv(os.path.join(parsed.output, 'report.csv'), index=False)
     shown = ['pipeline'] + varying + ['f1_macro', 'delta_f1_macro', 'size_mb', 'sparsity_overall', 'latency_ms_p50', 'speedup']
+    shown = with_interval_column(frame, shown)
     table = frame[shown].to_markdown(index=False, floatfmt='.4f')
     with open(os.path.join(parsed.output, 'report.md'), 'w', encoding='utf-8') as fh:
         fh.write(table + '\n')
