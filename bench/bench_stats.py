@@ -2,7 +2,8 @@
 eight-pipeline ablation (goal: at most 10 %).
 
     python bench/bench_stats.py --dataset_path ../shared/data/bangla_cyberbullying_5label.csv \
-        --teacher_checkpoint /path/to/fine-tuned/teacher --workdir /tmp/bench_stats --rounds 5
+        --teacher_checkpoint /path/to/fine-tuned/teacher --workdir /tmp/bench_stats --rounds 5 -- \
+        --data_fraction 0.4 --max_length 64 --batch 32 --lr 1e-4 --student_layers 3 --epochs 2 --fine_tune_epochs 1
 
 First the ablation is run once (untimed) so that every stage is in the store; then, in this process with a
 fixed number of threads, the evaluation of all stored stages (research_main.evaluate_side_by_side: quality,
