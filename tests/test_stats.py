@@ -217,3 +217,13 @@ def test_stage_table_and_summary_show_intervals_and_mark_significance():
     summary = summarize_runs([final_stage_row('p', chain, LABELS, 'r')])
     markdown = summary_markdown(summary, LABELS, 'fold 0')
     assert f'{chain[1]["f1_macro"]:.4f} [{low:.3f}, {high:.3f}]*' in markdown and '200 test texts' in markdown
+
+
+@pytest.mark.parametrize('flag, value, named', [('bootstrap_resamples', 10, '--bootstrap_resamples'),
+                                                ('significance_level', 0.7, '--significance_level'),
+                                                ('min_threshold_positives', 0, '--min_threshold_positives')])
+def test_statistics_settings_out_of_range_are_refused(tmp_path, tiny_teacher_dir, capsys, flag, value, named):
+    argv = fast_args(tmp_path / 'out', pipeline='baseline', teacher_path=tiny_teacher_dir, **{flag: value})
+    assert run_cli(argv) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()      # refused before anything was written
