@@ -42,16 +42,21 @@ def fill_store(argv, output_dir):
         raise SystemExit('the ablation run failed')
 
 
+def parsed_workdir(argv):
+    """The bench's --workdir, from the --cache_dir it put into the run's arguments."""
+    return os.path.dirname(argv[argv.index('--cache_dir') + 1])
+
+
 def stored_plan(argv):
     """(nodes per pipeline, data, settings) of the stored ablation, every stage reused from the store."""
     from research_compression_config import parse_compression_arguments, pipeline_settings, requested_pipelines
     from research_main import prepare_folds, run_chain
     from research_stages import StageStore
-    args = parse_compression_arguments(argv + ['--output_dir', os.devnull + '_unused'])
+    args = parse_compression_arguments(argv + ['--output_dir', os.path.join(parsed_workdir(argv), 'timed')])
     pipelines = requested_pipelines(args)
     data = next(iter(prepare_folds(args).values()))
     store = StageStore.in_cache_dir(args.cache_dir)
-    settings = {p: pipeline_settings(args, p, args.seeds[0]) for p in pipelines}
+    settings = {p: pipeline_settings(args, p, args.train_seeds[0]) for p in pipelines}
     nodes = {p: run_chain(store, p, data, settings[p], '') for p in pipelines}
     if any(not e['reused'] for e in store.events):
         raise SystemExit('some stages were not stored: the untimed ablation run did not fill the store')
@@ -60,8 +65,7 @@ def stored_plan(argv):
 
 def time_evaluation(nodes, data, settings, resamples):
     from research_main import evaluate_side_by_side
-    timed = copy.copy(settings)
-    timed.bootstrap_resamples = resamples
+    timed = settings.replace(bootstrap_resamples=resamples)
     start = time.perf_counter()
     evaluate_side_by_side(nodes, data, timed)
     return time.perf_counter() - start
