@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 from transformers import set_seed
 from transformers.utils import logging as transformers_logging
 
+from research_cache_upkeep import cache_report, prune_cache
 from research_compression_config import (PIPELINE_CONFIGS, STAGES, parse_compression_arguments, pipeline_settings,
                                          print_compression_config, requested_pipelines, save_config, stage_identity,
                                          store_maintenance)
@@ -39,11 +40,11 @@ from research_distributed import (all_processes, broadcast, finish, is_distribut
                                   start)
 from research_errors import UsageError
 from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, peak_memory_of_stages
-from research_files import remove_abandoned_temporaries
-from research_report import (CONFIG_JSON, RUN_LOG, STAGE_LOG, cache_report, captured_output, export_stage_models,
-                             final_stage_row, format_stage_table, prepare_output_dir, prune_cache, run_log,
-                             show_progress_bars, summarize_runs, write_json_atomically, write_pipeline_results,
-                             write_plots, write_summary)
+from research_files import remove_abandoned_temporaries, write_json_atomically
+from research_output import CONFIG_JSON, RUN_LOG, STAGE_LOG, captured_output, prepare_output_dir, run_log, show_progress_bars
+from research_plots import write_plots
+from research_results import (export_stage_models, final_stage_row, format_stage_table, summarize_runs,
+                              write_pipeline_results, write_summary)
 from research_stages import WORK_DIR, StageNode, StageStore, stage_key
 from research_stats import add_statistics
 from research_training import resumable_checkpoint

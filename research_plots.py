@@ -181,3 +181,23 @@ def write_plots(summary: pd.DataFrame, output_dir: str, label_names: Sequence[st
     plot_quality_vs_cost(summary, 'latency_ms_p50', 'CPU latency p50 (ms)', paths[1])
     plot_per_label_f1(summary, label_names, paths[2])
     return paths
+
+
+def save_figure(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def plot_sweep(frame: pd.DataFrame, parameter: str, path: str) -> None:
+    """Macro-F1 of every pipeline against a swept setting (research_report)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for pipeline, group in frame.groupby('pipeline', sort=False):
+        group = group.sort_values(parameter)
+        ax.plot(group[parameter], group['f1_macro'], 'o-', label=pipeline)
+    ax.set_xlabel(parameter)
+    ax.set_ylabel('macro-F1 (test)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -161,7 +161,7 @@ class TrainingSettings:
     """training"""
     batch: int = setting(32, 'Training batch size per device (per process under torchrun / accelerate launch: the '
                              'effective batch is this x processes x --gradient_accumulation_steps).', low=1)
-    lr: float = setting(2e-5, 'Learning rate of teacher and student training.', low=0.0, high=1.0, low_open=True)
+    lr: float = setting(2e-5, 'Learning rate of teacher and student training.', low=0.0, low_open=True)
     epochs: int = setting(15, 'Student (KD) epochs.', low=1)
     warmup_ratio: float = setting(0.1, 'Share of the steps with linear warm-up.', low=0.0, high=1.0, high_open=True)
     weight_decay: float = setting(0.01, 'AdamW weight decay.', low=0.0)
@@ -179,8 +179,7 @@ class KDSettings:
     """knowledge distillation"""
     kd_alpha: float = setting(0.7, 'Weight of the soft-target (logit) term; 1-alpha weights the labels. The hidden and '
                                    'attention terms are added with their own weights.', low=0.0, high=1.0)
-    kd_temperature: float = setting(4.0, 'Temperature T of the per-label sigmoid soft targets.', low=0.0, high=100.0,
-                                    low_open=True)
+    kd_temperature: float = setting(4.0, 'Temperature T of the per-label sigmoid soft targets.', low=0.0, low_open=True)
     kd_method: str = setting(
         'logit', "'logit': soft targets only (teacher logits cached in --cache_dir); 'hidden': + MSE between mapped hidden "
                  "states (learned projection when widths differ); 'attention': + KL between mapped head-averaged "
@@ -229,7 +228,7 @@ class PruneSettings:
                                           on_flag=True)
     fine_tune_epochs: int = setting(3, 'Epochs of fine-tuning after pruning (and of QAT).', low=0)
     fine_tune_lr: Optional[float] = setting(None, 'Learning rate for fine-tuning after pruning and for QAT (default: lr/2).',
-                                            low=0.0, high=1.0, low_open=True)
+                                            low=0.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -400,6 +399,9 @@ class Settings:
 
     def __setattr__(self, name, value):
         raise AttributeError(f'settings are immutable: use settings.replace({name}=...)')
+
+    def __reduce__(self):   # copy and pickle (a fresh measuring process) rebuild it from its groups
+        return Settings, (self._groups,)
 
     def __eq__(self, other):
         return isinstance(other, Settings) and self._groups == other._groups

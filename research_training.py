@@ -189,6 +189,8 @@ def work_folder(settings, out_dir: str) -> str:
     return settings.work_dir or os.path.join(out_dir, 'work')
 
 
+# Not transformers' get_last_checkpoint: (5.x) it returns the highest-numbered checkpoint folder even when it is
+# incomplete (killed while saving), where this falls back to the newest complete one.
 def resumable_checkpoint(work_dir: str) -> Optional[str]:
     """The newest complete Trainer checkpoint in `work_dir` (its trainer_state.json, written last, and the
     optimizer's state exist), or None. An interrupted attempt of this very stage left it: the store keeps the

@@ -196,7 +196,7 @@ def test_changing_test_labels_never_changes_a_tuned_threshold(teacher_checkpoint
 
 
 def test_stage_table_and_summary_show_intervals_and_mark_significance():
-    from research_report import format_stage_table, summarize_runs, summary_markdown, final_stage_row
+    from research_results import format_stage_table, summarize_runs, summary_markdown, final_stage_row
     y, pred, probs = synthetic(200, seed=2)
     worse = pred.copy()
     worse[:80] = 1 - y[:80]
