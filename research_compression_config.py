@@ -205,6 +205,15 @@ def parse_compression_arguments(args_list: Optional[List[str]] = None) -> Settin
     return args
 
 
+# settings: statistics
+def validate_statistics(args: Settings) -> None:
+    """--bootstrap_resamples is 0 or at least 1000 (the other statistics settings are bounded where declared)."""
+    if 0 < args.bootstrap_resamples < 1000:
+        raise UsageError(f'--bootstrap_resamples must be 0 (no statistics) or at least 1000 (fewer make the 2.5 % tails '
+                         f'of a 95 % interval rest on a handful of resamples), got {args.bootstrap_resamples}. The '
+                         'default is 10000.')
+
+
 def validate_arguments(args: Settings) -> None:
     """Settings every run shares (each field's own range was checked from its declaration), the output and cache
     folders, the CSV's header and labels, then each requested pipeline's stages with that pipeline's settings
@@ -225,6 +234,7 @@ def validate_arguments(args: Settings) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    validate_statistics(args)
     for flag, folder, what in (('--output_dir', args.output_dir, 'results and models'),
                                ('--cache_dir', args.cache_dir, 'the stage store and caches')):
         problem = folder_problem(folder)

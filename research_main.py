@@ -48,6 +48,7 @@ from research_results import (export_stage_models, final_stage_row, format_stage
                               write_pipeline_results, write_summary)
 from research_stages import WORK_DIR, StageNode, StageStore, stage_key
 from research_tokenizer_fit import report_tokenizer_fit, tokenizer_roles
+from research_stats import add_statistics
 from research_training import resumable_checkpoint
 
 
@@ -155,7 +156,9 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
               f'{result["speedup"]:.2f}x [{result["speedup_ci_low"]:.2f}, {result["speedup_ci_high"]:.2f}] the teacher '
               f'(batch {settings.latency_batch_size} x {settings.max_length} tokens, {settings.latency_threads} '
               f'thread(s))' + (' [noisy: did not converge]' if result['latency_noisy'] else ''))
-    return {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
+    chains = {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
+    # 95 % bootstrap intervals and paired tests against the teacher and the parent, on shared resamples
+    return add_statistics(chains, settings.bootstrap_resamples, settings.seed, settings.significance_level)
 
 
 def prepare_folds(args) -> Dict[int, object]:

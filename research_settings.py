@@ -272,6 +272,27 @@ class EvalSettings:
                                               'per stage).', off_flag='--no_peak_memory', result=False)
 
 
+# settings: statistics (research_stats; docs/statistics.md). None changes what a stage produces: they act when the
+# stored stages are evaluated, so changing them re-evaluates without retraining.
+@dataclass(frozen=True)
+class StatisticsSettings:
+    """statistics (confidence intervals, paired tests, per-label thresholds)"""
+    bootstrap_resamples: int = setting(
+        10000, 'Bootstrap resamples of the test texts for the 95%% interval of every quality metric and the paired tests '
+               'of each stage against the teacher and its parent (0 or at least 1000; 0 turns the statistics off; '
+               'Dror et al. 2018 advise at least 10000).', low=0, result=False)
+    significance_level: float = setting(
+        0.05, 'Family-wise error rate of the paired tests, Holm-corrected over all comparisons of a run, in (0, 0.5].',
+        low=0.0, high=0.5, low_open=True, result=False)
+    threshold_strategy: str = setting(
+        'fixed', "fixed: every label at --threshold. per_label: for every stage separately, each label's threshold "
+                 "maximising its F1 on the validation split (never the test split); stored in the exported stage's "
+                 'compression_info.json and used by its predict_labels.', choices=('fixed', 'per_label'), result=False)
+    min_threshold_positives: int = setting(
+        5, 'With --threshold_strategy per_label, a label with fewer validation positives than this keeps --threshold '
+           '(at least 1).', low=1, result=False)
+
+
 # Everything a run writes at the top of --output_dir, and nothing else: the archive of an earlier run moves
 # these names only, and --overwrite_output_dir replaces these names only (the output-folder code obeys this list).
 TOOL_OUTPUTS = ('config.json', 'run.log', 'results_final.json', 'results_final.csv', 'stage_log.json', 'stages', 'runs',
@@ -326,8 +347,8 @@ class StoreSettings:
 
 
 GROUPS = (RequiredSettings, PipelineSettings, DataSettings, TeacherSettings, StudentSettings, VocabSettings,
-          TrainingSettings, KDSettings, PruneSettings, QuantSettings, EvalSettings, OutputSettings, CardSettings,
-          StoreSettings)
+          TrainingSettings, KDSettings, PruneSettings, QuantSettings, EvalSettings, StatisticsSettings, OutputSettings,
+          CardSettings, StoreSettings)
 
 
 @dataclass(frozen=True)
