@@ -34,7 +34,10 @@ TOOL_MARKER = 'research_compression'   # config.json of a run of this tool says 
 # these names only, and --overwrite_output_dir replaces these names only (research_report obeys this list).
 TOOL_OUTPUTS = ('config.json', 'run.log', 'results_final.json', 'results_final.csv', 'stage_log.json', 'stages', 'runs',
                 'pipelines', 'ablation_summary.csv', 'ablation_summary.md', 'f1_vs_size.png', 'f1_vs_latency.png',
-                'per_label_f1.png', 'logs')
+                'per_label_f1.png', 'logs',
+                # settings: search (research_search_report; the study journal, search_study.journal, is not listed:
+                # a re-run continues the study it holds)
+                'search_trials.csv', 'search_pareto.md', 'search_pareto.png', 'search_best')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +352,33 @@ def build_argument_parser() -> argparse.ArgumentParser:
            help='Hugging Face dataset id of --dataset_path, recorded as the card\'s dataset (otherwise the card names '
                 'the CSV file and no hub dataset).')
 
+    # settings: search (research_search: a budgeted search over the tool's own settings, with Optuna)
+    search = parser.add_argument_group('budgeted search (--search; docs/search.md)')
+    option(search, '--search', action='store_true',
+           help='Search the tool\'s own settings (techniques, student layers, vocabulary trimming, KD, pruning and '
+                'quantization settings) for the best validation macro-F1 within the --budget_* limits, every trial '
+                'through the stage store; the eight pipelines with this command line\'s settings are the first trials. '
+                'Writes search_trials.csv, search_pareto.md/.png and search_best/. Not with --run_ablation.')
+    option(search, '--search_trials', type=int, default=24,
+           help='Trials the study should hold (at least 1; the eight pipelines included; failed trials do not count).')
+    option(search, '--budget_size_mb', type=float, default=None,
+           help='Budget: the final stage\'s weight files on disk, at most this many MB (> 0; default: no limit).')
+    option(search, '--budget_speedup', type=float, default=None,
+           help='Budget: the final stage at least this many times faster than the teacher, timed side by side '
+                '(> 0; default: no limit).')
+    option(search, '--budget_latency_ms', type=float, default=None,
+           help='Budget: the final stage\'s p50 latency (batch --latency_batch_size x --max_length tokens, this '
+                'machine) at most this many ms (> 0; default: no limit).')
+    option(search, '--search_space', type=str, default=None, metavar='FILE',
+           help='YAML or JSON file mapping settings to a list of choices or a range {low, high[, log]}; replaces '
+                'the default space (docs/search.md).')
+    option(search, '--search_storage', type=str, default=None, metavar='URL',
+           help='Where the study lives: a journal file path, or a database URL (postgresql://user:pw@host/db; '
+                'sqlite:///file.db for one process only). Default: <output_dir>/search_study.journal. Processes '
+                'sharing it (and a --cache_dir) add trials to one study.')
+    option(search, '--search_name', type=str, default='research_search',
+           help='The study\'s name in --search_storage (a re-run with the same name continues it).')
+
     store = parser.add_argument_group('stage store (--cache_dir)')
     option(store, '--cache_report', action='store_true',
            help='Print what --cache_dir holds (per stored stage: kind, key, size, when stored and last used, the '
@@ -479,6 +509,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    check_search_settings(args)
     for flag, folder, what in (('--output_dir', args.output_dir, 'results and models'),
                                ('--cache_dir', args.cache_dir, 'the stage store and caches')):
         problem = folder_problem(folder)
@@ -493,6 +524,31 @@ def validate_arguments(args: argparse.Namespace) -> None:
         if 'kd' not in PIPELINE_CONFIGS[pipeline].chain and len(PIPELINE_CONFIGS[pipeline].chain) > 1:
             # without KD, --trim_vocab trims the teacher entering prune/quant (KD's validate checks its student)
             validate_trimming(settings, settings.teacher_checkpoint or settings.teacher_path)
+
+
+def check_search_settings(args: argparse.Namespace) -> None:
+    """# settings: search. The numbers of --search (its space file and storage are read by research_search)."""
+    given = [f for f in ('budget_size_mb', 'budget_speedup', 'budget_latency_ms', 'search_space', 'search_storage')
+             if getattr(args, f) is not None]
+    if not args.search:
+        if given:
+            raise UsageError(f'--{given[0]} is a setting of --search; add --search, or drop it.')
+        return
+    if args.run_ablation:
+        raise UsageError('--search and --run_ablation are two ways of running: the search runs the eight pipelines '
+                         'as its first trials anyway. Drop one of them.')
+    if args.search_trials < 1:
+        raise UsageError(f'--search_trials must be at least 1, got {args.search_trials}.')
+    for flag in ('budget_size_mb', 'budget_speedup', 'budget_latency_ms'):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise UsageError(f'--{flag} must be positive, got {value:g}: it is a limit the final model must meet '
+                             '(leave it out for no limit).')
+    if len(args.seeds) > 1 or args.run_full_kfold:
+        raise UsageError('--search scores trials on one split with one training seed; drop --seeds / '
+                         '--run_full_kfold (run the best settings with them afterwards).')
+    if not args.search_name.strip():
+        raise UsageError('--search_name must not be empty.')
 
 
 def stage_flow(settings, pipeline: str) -> List[str]:

@@ -35,6 +35,7 @@ from research_distributed import (all_processes, broadcast, finish, is_distribut
 from research_errors import UsageError
 from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, peak_memory_of_stages
 from research_files import remove_abandoned_temporaries
+from research_search import run_search
 from research_report import (CONFIG_JSON, RUN_LOG, STAGE_LOG, cache_report, captured_output, export_stage_models,
                              final_stage_row, format_stage_table, prepare_output_dir, prune_cache, run_log,
                              show_progress_bars, summarize_runs, write_json_atomically, write_pipeline_results,
@@ -228,6 +229,8 @@ def main(args_list: Optional[List[str]] = None) -> int:
             if is_main_process() and args.cache_report:
                 print(cache_report(args.cache_dir))
             return 0
+        if args.search:   # settings: search: a budgeted search instead of a plan (research_search)
+            return run_search(args, run_chain)
         pipelines = requested_pipelines(args)
         start()                                    # torchrun / accelerate launch: join the process group
         if not is_main_process():
