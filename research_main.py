@@ -230,7 +230,7 @@ def main(args_list: Optional[List[str]] = None) -> int:
                 print(cache_report(args.cache_dir))
             return 0
         if args.search:   # settings: search: a budgeted search instead of a plan (research_search)
-            return run_search(args, run_chain)
+            return run_search(args, run_chain, stage_keys)
         pipelines = requested_pipelines(args)
         start()                                    # torchrun / accelerate launch: join the process group
         if not is_main_process():

@@ -12,8 +12,8 @@ setting), its final stage is scored on the VALIDATION split (never the test spli
 would make its score an optimistic one) and timed side by side with the teacher -> the outputs
 (research_search_report): search_trials.csv, search_pareto.md/.png, search_best/ with test metrics measured once.
 
-Constraints go to Optuna as constraints (TPESampler(constraints_func=...), values <= 0 feasible) rather than a
-penalised objective: every trial keeps its true validation macro-F1 (the CSV and plots show what the setting
+Budgets go to Optuna as constraints (Trial.set_constraint, read by TPESampler; values <= 0 within budget; optuna
+5 deprecated TPESampler(constraints_func=...) for it) rather than into a penalised objective: every trial keeps its true validation macro-F1 (the CSV and plots show what the setting
 scored, not a made-up penalty), and the sampler models feasibility separately from quality, so a trial just over
 budget still teaches it which settings score well.
 
@@ -169,21 +169,15 @@ def finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
 
 
-def constraints_of(trial) -> List[float]:
-    """Optuna's constraints (<= 0: within budget) as the trial recorded them; a trial without them is infeasible."""
-    return list(trial.user_attrs.get('constraints') or [1e9])
-
-
 def open_study(args):
     optuna = _optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)   # the [search] lines say what happens
     storage = open_storage(storage_location(args))
-    budgets = budget_list(args)
     study = optuna.create_study(study_name=args.search_name, storage=storage, direction='maximize', load_if_exists=True)
     # A fresh study is seeded by --seed (the same search twice proposes the same settings); a continued one, or
     # one other processes share, mixes in its size and this pid so it does not re-propose what they proposed
     seed = args.seed if not study.trials else (args.seed + 7919 * len(study.trials) + os.getpid()) % 2**32
-    study.sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_of if budgets else None)
+    study.sampler = optuna.samplers.TPESampler(seed=seed)   # reads each trial's constraints (Trial.set_constraint)
     return study
 
 
@@ -248,7 +242,8 @@ class SearchContext:
     space: Dict
     data: object
     store: StageStore
-    run_chain: Callable      # research_main.run_chain, passed in (research_main imports this module)
+    run_chain: Callable      # research_main.run_chain and .stage_keys, passed in (research_main imports this module)
+    stage_keys: Callable
 
 
 @contextlib.contextmanager
@@ -285,6 +280,8 @@ def run_trial(trial, ctx: SearchContext) -> Dict:
     record = {'chosen': chosen, 'pipeline': pipeline, 'description': describe(chosen, settings)}
     validate_trial(settings, pipeline)
     known = set(ctx.store.nodes)
+    # "[plan] stage i of n": n counts the trial's stages this process has not produced or loaded yet
+    ctx.store.plan(key for _, key in ctx.stage_keys(pipeline, ctx.data, settings) if key not in known)
     nodes = ctx.run_chain(ctx.store, pipeline, ctx.data, settings, f', trial {trial.number}')
     record['stage_keys'] = [f'{n.kind}-{n.key}' for n in nodes]
     record['reused'] = [n.kind for n in nodes if n.key in known or n.reused]
@@ -303,15 +300,15 @@ def best_feasible_value(study, exclude: Optional[int] = None) -> Optional[float]
     return max(values) if values else None
 
 
-def trial_line(position: int, args, record: Dict, best_before: Optional[float]) -> str:
-    """`[search] trial 7/24: kd(L2, ...) → structured 60 % → int8: val macro-F1 0.46 [0.43, 0.49], 2.3 MB,
+def trial_line(position: int, number: int, args, record: Dict, best_before: Optional[float]) -> str:
+    """`[search] trial 7/24 (#6): kd(L2, ...) → structured 60 % → int8: val macro-F1 0.46 [0.43, 0.49], 2.3 MB,
     10.4x — feasible, best so far (reused teacher, student)`."""
     verdict = 'feasible' if record['feasible'] else 'over budget'
     if record['feasible'] and (best_before is None or record['val_f1_macro'] >= best_before):
         verdict += ', best so far'
     latency = f', p50 {record["latency_ms_p50"]:.2f} ms' if args.budget_latency_ms is not None else ''
     reused = ', '.join(REUSED_NAMES[k] for k in record['reused'])
-    return (f'[search] trial {position}/{args.search_trials}: {record["description"]}: val macro-F1 '
+    return (f'[search] trial {position}/{args.search_trials} (#{number}): {record["description"]}: val macro-F1 '
             f'{record["val_f1_macro"]:.2f} [{record["val_f1_low"]:.2f}, {record["val_f1_high"]:.2f}], '
             f'{record["size_mb"]:.2f} MB, {record["speedup"]:.1f}x{latency} — {verdict} '
             f'({"reused " + reused if reused else "nothing reused"})')
@@ -328,7 +325,7 @@ def one_trial(study, ctx: SearchContext) -> None:
         except UsageError as exc:
             trial.set_user_attr('note', str(exc))
             study.tell(trial, state=states.PRUNED)
-            print(f'[search] trial {finished(study)}/{ctx.args.search_trials}: settings that cannot run, skipped: {exc}')
+            print(f'[search] trial {finished(study)}/{ctx.args.search_trials} (#{trial.number}): settings that cannot run, skipped: {exc}')
             return
         except BaseException:
             with contextlib.suppress(Exception):
@@ -336,9 +333,11 @@ def one_trial(study, ctx: SearchContext) -> None:
             raise
         for name, value in record.items():
             trial.set_user_attr(name, value)
+        for (budget, _), value in zip(budget_list(ctx.args), record['constraints']):
+            trial.set_constraint(budget, value)
         best_before = best_feasible_value(study, exclude=trial.number)
         study.tell(trial, record['val_f1_macro'])
-    print(trial_line(finished(study), ctx.args, record, best_before))
+    print(trial_line(finished(study), trial.number, ctx.args, record, best_before))
 
 
 def run_trials(study, ctx: SearchContext) -> int:
@@ -373,7 +372,7 @@ def print_search_config(args, space: Dict) -> None:
     print('=' * 72 + '\n')
 
 
-def run_search(args, run_chain: Callable) -> int:
+def run_search(args, run_chain: Callable, stage_keys: Callable) -> int:
     """--search, from the checks to the outputs; returns the exit code (0 also when no trial met the budget)."""
     space = check_search_inputs(args)
     data = prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, args.eval_fold,
@@ -390,7 +389,7 @@ def run_search(args, run_chain: Callable) -> int:
         study = open_study(args)
         recover_stale_trials(study)
         enqueue_corners(study, args)
-        ctx = SearchContext(args, space, data, store, run_chain)
+        ctx = SearchContext(args, space, data, store, run_chain, stage_keys)
         ran = run_trials(study, ctx)
         write_json_atomically(os.path.join(args.output_dir, STAGE_LOG), store.events)
         write_search_outputs(study, ctx)

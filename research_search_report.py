@@ -131,7 +131,7 @@ def plot_search(done: pd.DataFrame, args, path: str, best: Optional[int]) -> Non
         if best is not None:
             row = done.set_index('trial').loc[best]
             ax.scatter([row[cost]], [row['val_f1_macro']], marker='*', s=220, color='gold', edgecolors='black',
-                       zorder=5, label=f'best feasible (trial {best})')
+                       zorder=5, label=f'best feasible (trial #{best})')
         if limit is not None:
             ax.axvline(limit, color='tab:red', alpha=0.6, linestyle=':', label='budget')
         ax.set_xlabel(label)
@@ -180,6 +180,8 @@ def export_best(trial, ctx) -> Dict:
     args = ctx.args
     chosen = trial.user_attrs['chosen']
     settings = trial_settings(args, chosen)
+    ctx.store.plan(key for _, key in ctx.stage_keys(trial.user_attrs['pipeline'], ctx.data, settings)
+                   if key not in ctx.store.nodes)
     nodes = ctx.run_chain(ctx.store, trial.user_attrs['pipeline'], ctx.data, settings, f', best trial {trial.number}')
     measured = test_metrics_beside_teacher(nodes, ctx.data, settings)
     teacher, best = measured[0], measured[-1]
@@ -208,7 +210,7 @@ def summary_lines(done: pd.DataFrame, best_record: Optional[Dict]) -> List[str]:
     if best_record is None:
         return ['No trial met the budget.']
     b, t = best_record['test']['best'], best_record['test']['teacher']
-    lines = [f'Best feasible: trial {best_record["trial"]} ({best_record["description"]}): val macro-F1 '
+    lines = [f'Best feasible: trial #{best_record["trial"]} ({best_record["description"]}): val macro-F1 '
              f'{best_record["validation"]["val_f1_macro"]:.4f}; on the test split (measured once) macro-F1 '
              f'{b["f1_macro"]:.4f} [{b["f1_macro_low"]:.3f}, {b["f1_macro_high"]:.3f}], {b["size_mb"]:.2f} MB, '
              f'{b["speedup"]:.1f}x, beside the teacher\'s {t["f1_macro"]:.4f} [{t["f1_macro_low"]:.3f}, '
@@ -220,7 +222,7 @@ def summary_lines(done: pd.DataFrame, best_record: Optional[Dict]) -> List[str]:
         top = corners.sort_values('val_f1_macro', ascending=False).iloc[0]
         gain = best_record['validation']['val_f1_macro'] - top['val_f1_macro']
         lines.append(f'Best feasible of the eight pipelines with the command line\'s settings: {top["corner"]} '
-                     f'(trial {top["trial"]}), val macro-F1 {top["val_f1_macro"]:.4f}: the search gains {gain:+.4f}.')
+                     f'(trial #{top["trial"]}), val macro-F1 {top["val_f1_macro"]:.4f}: the search gains {gain:+.4f}.')
     return lines
 
 
@@ -233,7 +235,7 @@ def nearest_lines(done: pd.DataFrame, args, count: int = 3) -> List[str]:
             r['latency_ms_p50'] / args.budget_latency_ms - 1 if args.budget_latency_ms else 0))
     ranked = done.assign(overshoot=done.apply(overshoot, axis=1)).sort_values(['overshoot', 'val_f1_macro'],
                                                                                ascending=[True, False])
-    return [f'  trial {r["trial"]}: {r["description"]}: val macro-F1 {r["val_f1_macro"]:.4f}, {r["size_mb"]:.2f} MB, '
+    return [f'  trial #{r["trial"]}: {r["description"]}: val macro-F1 {r["val_f1_macro"]:.4f}, {r["size_mb"]:.2f} MB, '
             f'{r["speedup"]:.1f}x ({r["overshoot"]:.0%} over budget)' for _, r in ranked.head(count).iterrows()]
 
 
