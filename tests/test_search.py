@@ -206,10 +206,11 @@ def cli_process(argv, log_path):
 @pytest.mark.slow
 def test_a_killed_search_continues_where_it_stopped(tmp_path, tiny_teacher_dir):
     out, cache = tmp_path / 'out', tmp_path / 'cache'
-    argv = search_args(out, tiny_teacher_dir, cache, 6)
+    argv = search_args(out, tiny_teacher_dir, cache, 10)   # the retry is queued behind the eight pipelines
+    # Killed after 3 trials, while the 4th (quant_only) runs
     process, log = cli_process(argv, tmp_path / 'first.log')
     try:
-        while process.poll() is None and '[search] trial 3/6' not in (tmp_path / 'first.log').read_text(encoding='utf-8'):
+        while process.poll() is None and '(quant_only, trial 3)' not in (tmp_path / 'first.log').read_text(encoding='utf-8'):
             time.sleep(0.2)
     finally:
         process.send_signal(signal.SIGKILL)
@@ -218,12 +219,13 @@ def test_a_killed_search_continues_where_it_stopped(tmp_path, tiny_teacher_dir):
     assert run_cli(argv) == 0
     trials = study_trials(str(out / research_search.SEARCH_JOURNAL))
     complete = [t for t in trials if t.state.name == 'COMPLETE']
-    assert len(complete) == 6
+    assert len(complete) == 10
     assert len({t.user_attrs['owner']['pid'] for t in complete}) == 2    # both processes ran some
     failed = [t for t in trials if t.state.name == 'FAIL']
+    assert [t.number for t in failed] == [3]            # killed while it ran: failed, then run again
     assert all(any(r.user_attrs.get('retry_of') == f.number for r in complete) for f in failed)
     log_text = (out / 'run.log').read_text(encoding='utf-8')
-    assert '[search] trial 1/6' not in log_text and '[search] trial 6/6' in log_text
+    assert '[search] trial 3/10' not in log_text and '[search] trial 10/10' in log_text
 
 
 @pytest.mark.slow
