@@ -187,8 +187,10 @@ def test_trials_never_score_the_test_split(tmp_path, tiny_teacher_dir, monkeypat
                 return data
             monkeypatch.setattr(research_search, 'prepare_data', poisoned)
         out = tmp_path / name
-        assert run_cli(search_args(out, tiny_teacher_dir, tmp_path / f'cache_{name}', 4)) == 0
+        assert run_cli(search_args(out, tiny_teacher_dir, tmp_path / f'cache_{name}', 4, budget_size_mb=100)) == 0
         trials = pd.read_csv(out / 'search_trials.csv')
+        trials = trials[trials['state'] == 'COMPLETE']
+        assert len(trials) == 4
         with open(out / 'search_best' / 'search_result.json', encoding='utf-8') as fh:
             test_f1 = json.load(fh)['test']['teacher']['f1_macro']
         values[name] = (trials['val_f1_macro'].tolist(), trials['val_f1_low'].tolist(), test_f1)
