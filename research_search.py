@@ -81,7 +81,9 @@ def open_storage(location: str):
             return optuna.storages.RDBStorage(location)
         except ImportError as exc:
             raise UsageError(f"--search_storage '{location}' needs a database driver that is not installed "
-                             f'({exc}). For PostgreSQL: pip install psycopg2-binary; for MySQL: pip install pymysql.')
+                             f'({exc}). For PostgreSQL: pip install "psycopg[binary]" (SQLAlchemy 2.1 reads postgresql:// with psycopg 3), '
+                             'or pip install psycopg2-binary and write postgresql+psycopg2://...; for MySQL: pip install '
+                             'pymysql and write mysql+pymysql://...')
         except Exception as exc:   # sqlalchemy's errors: bad URL, server down, authentication
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"--search_storage '{location}' cannot be reached or used: {first}. Check the URL "
@@ -100,10 +102,11 @@ def check_search_storage(args) -> None:
         open_storage(args.search_storage)
         return
     folder = os.path.dirname(os.path.abspath(args.search_storage))
-    problem = folder_problem(folder) or (f'is a folder, not a file' if os.path.isdir(args.search_storage) else None)
+    problem = ('is a folder, not a file' if os.path.isdir(args.search_storage) else
+               (f"sits in '{folder}', which " + folder_problem(folder)) if folder_problem(folder) else None)
     if problem:
-        raise UsageError(f"--search_storage '{args.search_storage}': {folder if 'folder' not in problem else ''} "
-                         f'{problem}. Pass a journal file path in a writable folder, or a database URL.')
+        raise UsageError(f"--search_storage '{args.search_storage}' {problem}. Pass the path of a journal file in a "
+                         'folder this tool can write, or a database URL (docs/search.md).')
 
 
 def check_search_inputs(args) -> Dict:
