@@ -78,7 +78,7 @@ def open_storage(location: str):
     optuna = _optuna()
     if is_database_url(location):
         try:
-            return optuna.storages.RDBStorage(location)
+            return open_database(location)
         except ImportError as exc:
             raise UsageError(f"--search_storage '{location}' needs a database driver that is not installed "
                              f'({exc}). For PostgreSQL: pip install "psycopg[binary]" (SQLAlchemy 2.1 reads postgresql:// with psycopg 3), '
@@ -91,6 +91,22 @@ def open_storage(location: str):
                              'create tables, or pass a journal file path instead.')
     backend = optuna.storages.journal.JournalFileBackend(location)
     return optuna.storages.JournalStorage(backend)
+
+
+def open_database(url: str, attempts: int = 3):
+    """An RDBStorage. Processes that start at once on an empty database race to create Optuna's tables (seen
+    with PostgreSQL 15: the loser fails with a UniqueViolation on pg_type), so a failure is retried after the
+    winner had time to finish; a server that is down fails every attempt."""
+    optuna = _optuna()
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except ImportError:
+            raise
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2.0 * (attempt + 1))
 
 
 def check_search_storage(args) -> None:
