@@ -19,7 +19,7 @@ import pandas as pd
 
 from research_distributed import main_process_first
 from research_errors import UsageError
-from research_files import checksum_problems, folder_checksums, remove_entry, temporary_path, write_json_atomically
+from research_files import checksum_problems, folder_checksums, remove_entry, write_json_atomically, written_aside
 
 TOKENIZATION_CACHE_PREFIX = 'tok_'
 CACHE_CHECKSUMS = 'checksums.json'   # sha256 of the files of a tokenization cache, written with it
@@ -35,6 +35,7 @@ class PreparedData:
     test_idx: np.ndarray
     fold: int
     stats: Dict[str, int] = field(default_factory=dict)
+    split: Dict = field(default_factory=dict)   # the settings that chose the split (num_folds, seed, fractions)
 
     @property
     def test_split_hash(self) -> str:
@@ -191,7 +192,8 @@ def prepare_data(dataset_path: str, text_column: str, label_columns: Sequence[st
           f'(fold {eval_fold} of {num_folds})')
     check_label_coverage(labels, list(label_columns), {'training': train_idx, 'validation': val_idx, 'test': test_idx},
                          eval_fold, num_folds)
-    return PreparedData(texts, labels, list(label_columns), train_idx, val_idx, test_idx, eval_fold, stats)
+    split = {'num_folds': num_folds, 'seed': seed, 'data_fraction': data_fraction, 'val_fraction': val_fraction}
+    return PreparedData(texts, labels, list(label_columns), train_idx, val_idx, test_idx, eval_fold, stats, split)
 
 
 def check_label_coverage(labels: np.ndarray, label_names: Sequence[str], splits: Dict[str, np.ndarray], fold: int,
@@ -270,15 +272,13 @@ def tokenize_corpus(data: PreparedData, tokenizer, max_length: int, cache_dir: O
     corpus = corpus.select_columns(keep)
     if path:
         # Written aside with the checksums of its files, then renamed: a cache is complete or absent.
-        tmp = temporary_path(path)
-        corpus.save_to_disk(tmp)
-        write_json_atomically(os.path.join(tmp, CACHE_CHECKSUMS), folder_checksums(tmp))
         try:
-            os.replace(tmp, path)
+            with written_aside(path) as tmp:
+                corpus.save_to_disk(tmp)
+                write_json_atomically(os.path.join(tmp, CACHE_CHECKSUMS), folder_checksums(tmp))
         except OSError:
             if not os.path.isdir(path):
-                raise
-            remove_entry(tmp)             # another run wrote the same cache meanwhile
+                raise                     # (else another run wrote the same cache meanwhile; ours was removed)
         corpus = datasets.load_from_disk(path)
     return corpus
 

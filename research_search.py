@@ -38,10 +38,11 @@ from research_distributed import is_distributed
 from research_errors import UsageError
 from research_eval import (cached_measurements, measure_side_by_side, predict_probabilities, quality_metrics,
                            size_on_disk_mb, store_measurements)
-from research_files import folder_problem, owner_is_dead, owner_record, remove_abandoned_temporaries
+from research_files import (folder_problem, owner_is_dead, owner_record, remove_abandoned_temporaries,
+                            write_json_atomically)
 from research_inference import load_compressed_model
 from research_models import folder_fingerprint
-from research_report import CONFIG_JSON, RUN_LOG, STAGE_LOG, prepare_output_dir, run_log, show_progress_bars, write_json_atomically
+from research_output import CONFIG_JSON, RUN_LOG, STAGE_LOG, prepare_output_dir, run_log, show_progress_bars
 from research_search_report import bootstrap_interval, write_search_outputs
 from research_search_space import (choose, corner_choices, describe, load_space, pipeline_of, space_lines,
                                    trial_settings)

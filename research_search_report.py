@@ -18,7 +18,8 @@ from research_data import tokenized_splits
 from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, predict_probabilities
 from research_files import fresh_folder_inside, temporary_path, write_json_atomically
 from research_inference import load_compressed_model, set_threshold
-from research_report import pareto_front, write_model_card
+from research_cards import write_model_card
+from research_plots import pareto_front
 from research_search_space import SEARCH_SETTINGS, trial_settings
 from research_stages import copy_stage
 
@@ -191,7 +192,7 @@ def export_best(trial, ctx) -> Dict:
     copy_stage(nodes[-1], target)
     set_threshold(target, args.threshold)
     best['model_dir'] = os.path.abspath(target)
-    write_model_card(target, trial.user_attrs['pipeline'], best, vars(settings))
+    write_model_card(target, trial.user_attrs['pipeline'], best, settings.as_dict())
     record = {'trial': trial.number, 'pipeline': trial.user_attrs['pipeline'], 'settings': chosen,
               'description': trial.user_attrs['description'], 'budget': budget_text(args),
               'validation': {k: trial.user_attrs[k] for k in ('val_f1_macro', 'val_f1_low', 'val_f1_high', 'size_mb',

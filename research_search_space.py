@@ -17,7 +17,6 @@ line's settings can be the first trials. Everything is checked when the space is
 This module never imports optuna: it only calls `trial.suggest_*` on the trial it is given.
 """
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -211,14 +210,12 @@ def pipeline_of(chosen: Dict[str, object]) -> str:
     return next(name for name, p in PIPELINE_CONFIGS.items() if p.stages == stages)
 
 
-def trial_settings(args, chosen: Dict[str, object]) -> argparse.Namespace:
+def trial_settings(args, chosen: Dict[str, object]):
     """The settings the trial's pipeline runs with: the command line's, with the trial's choices."""
-    settings = pipeline_settings(args, pipeline_of(chosen), args.seeds[0])
-    for name, value in chosen.items():
-        if name not in TECHNIQUES:
-            setattr(settings, name, value)
-    if settings.quant_method != args.quant_method:
-        settings.quant_dtype = resolve_quant_dtype(settings.quant_method, None)   # the method's own storage type
+    settings = pipeline_settings(args.replace(**{n: v for n, v in chosen.items() if n not in TECHNIQUES}),
+                                 pipeline_of(chosen), args.train_seeds[0])
+    if settings.quant_method != args.quant_method:   # the method's own storage type, not the command line's
+        settings = settings.replace(quant_dtype=None, quant_dtype_resolved=resolve_quant_dtype(settings.quant_method, None))
     return settings
 
 
@@ -247,7 +244,7 @@ def describe(chosen: Dict[str, object], settings) -> str:
     if chosen['quant']:
         method = settings.quant_method
         parts.append(('int8' if method == 'dynamic' else f'int8 {method}' if method in ('static', 'qat')
-                      else settings.quant_dtype) + (trim and ' (trim)'))
+                      else settings.quant_dtype_resolved) + (trim and ' (trim)'))
     return ' → '.join(parts) or 'teacher'
 
 
