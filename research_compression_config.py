@@ -235,6 +235,7 @@ def validate_arguments(args: Settings) -> None:
         if not ok:
             raise UsageError(message)
     validate_statistics(args)
+    check_search_settings(args)
     for flag, folder, what in (('--output_dir', args.output_dir, 'results and models'),
                                ('--cache_dir', args.cache_dir, 'the stage store and caches')):
         problem = folder_problem(folder)
@@ -249,6 +250,25 @@ def validate_arguments(args: Settings) -> None:
         if 'kd' not in PIPELINE_CONFIGS[pipeline].chain and len(PIPELINE_CONFIGS[pipeline].chain) > 1:
             # without KD, --trim_vocab trims the teacher entering prune/quant (KD's validate checks its student)
             validate_trimming(settings, settings.teacher_checkpoint or settings.teacher_path)
+
+
+def check_search_settings(args: Settings) -> None:
+    """# settings: search. The numbers of --search (its space file and storage are read by research_search)."""
+    given = [f for f in ('budget_size_mb', 'budget_speedup', 'budget_latency_ms', 'search_space', 'search_storage')
+             if getattr(args, f) is not None]
+    if not args.search:
+        if given:
+            raise UsageError(f'--{given[0]} is a setting of --search; add --search, or drop it.')
+        return
+    if args.run_ablation:
+        raise UsageError('--search and --run_ablation are two ways of running: the search runs the eight pipelines '
+                         'as its first trials anyway. Drop one of them.')
+    # --search_trials >= 1 and budgets > 0 are checked from their declarations (research_settings.SearchSettings)
+    if len(args.train_seeds) > 1 or args.run_full_kfold:
+        raise UsageError('--search scores trials on one split with one training seed; drop --seeds / '
+                         '--run_full_kfold (run the best settings with them afterwards).')
+    if not args.search_name.strip():
+        raise UsageError('--search_name must not be empty.')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from research_faults import fault_exit_code, faults_reported, install_signal_han
 from research_files import remove_abandoned_temporaries, write_json_atomically
 from research_output import CONFIG_JSON, RUN_LOG, STAGE_LOG, captured_output, prepare_output_dir, run_log, show_progress_bars
 from research_plots import write_plots
+from research_search import run_search
 from research_results import (export_stage_models, final_stage_row, format_stage_table, summarize_runs,
                               write_pipeline_results, write_summary)
 from research_stages import WORK_DIR, StageNode, StageStore, stage_key
@@ -243,6 +244,8 @@ def main(args_list: Optional[List[str]] = None) -> int:
             if is_main_process() and args.cache_report:
                 print(cache_report(args.cache_dir))
             return 0
+        if args.search:   # settings: search: a budgeted search instead of a plan (research_search)
+            return run_search(args, run_chain, stage_keys)
         pipelines = requested_pipelines(args)
         start()                                    # torchrun / accelerate launch: join the process group
         if not is_main_process():

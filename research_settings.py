@@ -297,7 +297,10 @@ class StatisticsSettings:
 # these names only, and --overwrite_output_dir replaces these names only (the output-folder code obeys this list).
 TOOL_OUTPUTS = ('config.json', 'run.log', 'results_final.json', 'results_final.csv', 'stage_log.json', 'stages', 'runs',
                 'pipelines', 'ablation_summary.csv', 'ablation_summary.md', 'f1_vs_size.png', 'f1_vs_latency.png',
-                'per_label_f1.png', 'logs')
+                'per_label_f1.png', 'logs',
+                # settings: search (research_search_report; the study journal, search_study.journal, is not listed:
+                # a re-run continues the study it holds)
+                'search_trials.csv', 'search_pareto.md', 'search_pareto.png', 'search_best')
 
 
 @dataclass(frozen=True)
@@ -346,9 +349,41 @@ class StoreSettings:
               'leftovers of interrupted runs, then exit.', low=0.0, metavar='DAYS', result=False)
 
 
+# settings: search (research_search: a budgeted search over the tool's own settings, with Optuna)
+@dataclass(frozen=True)
+class SearchSettings:
+    """budgeted search (--search; docs/search.md)"""
+    search: bool = setting(False, "Search the tool's own settings (techniques, student layers, vocabulary trimming, KD, "
+                                  'pruning and quantization settings) for the best validation macro-F1 within the '
+                                  '--budget_* limits, every trial through the stage store; the eight pipelines with this '
+                                  "command line's settings are the first trials. Writes search_trials.csv, "
+                                  'search_pareto.md/.png and search_best/. Not with --run_ablation.',
+                           result=False)
+    search_trials: int = setting(24, 'Trials the study should hold (at least 1; the eight pipelines included; failed '
+                                     'trials do not count).', low=1, result=False)
+    budget_size_mb: Optional[float] = setting(None, "Budget: the final stage's weight files on disk, at most this many MB "
+                                                    '(> 0; default: no limit).', low=0.0, low_open=True, result=False)
+    budget_speedup: Optional[float] = setting(None, 'Budget: the final stage at least this many times faster than the '
+                                                    'teacher, timed side by side (> 0; default: no limit).', low=0.0,
+                                              low_open=True, result=False)
+    budget_latency_ms: Optional[float] = setting(None, "Budget: the final stage's p50 latency (batch --latency_batch_size "
+                                                       'x --max_length tokens, this machine) at most this many ms (> 0; '
+                                                       'default: no limit).', low=0.0, low_open=True, result=False)
+    search_space: Optional[str] = setting(None, 'YAML or JSON file mapping settings to a list of choices or a range '
+                                                '{low, high[, log]}; replaces the default space (docs/search.md).',
+                                          metavar='FILE', result=False)
+    search_storage: Optional[str] = setting(None, 'Where the study lives: a journal file path, or a database URL '
+                                                  '(postgresql://user:pw@host/db; sqlite:///file.db for one process '
+                                                  'only). Default: <output_dir>/search_study.journal. Processes sharing '
+                                                  'it (and a --cache_dir) add trials to one study.', metavar='URL',
+                                            result=False)
+    search_name: str = setting('research_search', "The study's name in --search_storage (a re-run with the same name "
+                                                  'continues it).', result=False)
+
+
 GROUPS = (RequiredSettings, PipelineSettings, DataSettings, TeacherSettings, StudentSettings, VocabSettings,
           TrainingSettings, KDSettings, PruneSettings, QuantSettings, EvalSettings, StatisticsSettings, OutputSettings,
-          CardSettings, StoreSettings)
+          CardSettings, StoreSettings, SearchSettings)
 
 
 @dataclass(frozen=True)
