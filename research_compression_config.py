@@ -238,6 +238,15 @@ def build_argument_parser() -> argparse.ArgumentParser:
     option(train, '--no_mixed_precision', action='store_false', dest='mixed_precision', stages=trained,
            help='Disable bf16/fp16 mixed precision (without it, mixed precision is on when training on a CUDA GPU).')
 
+    # settings: length grouping
+    grouping = parser.add_argument_group('batching by length')
+    option(grouping, '--group_by_length', action='store_true', default=True, stages=trained,
+           help='Training batches (teacher, KD, fine-tuning after pruning, QAT) of texts of similar length: random '
+                'mega-batches of 50 batches sorted by length, seeded by --train_seed and the epoch (default: on). '
+                'Evaluation batches are always sorted by length, results kept in text order.')
+    option(grouping, '--no_group_by_length', action='store_false', dest='group_by_length', stages=trained,
+           help='Training batches in plain random order (each padded to its longest text).')
+
     kd = parser.add_argument_group('knowledge distillation')
     option(kd, '--kd_alpha', type=float, default=0.7, stages=('kd',),
            help='Weight of the soft-target (logit) term; 1-alpha weights the labels. The hidden and '
