@@ -35,6 +35,7 @@ class PreparedData:
     test_idx: np.ndarray
     fold: int
     stats: Dict[str, int] = field(default_factory=dict)
+    split: Dict = field(default_factory=dict)   # the settings that chose the split (num_folds, seed, fractions)
 
     @property
     def test_split_hash(self) -> str:
@@ -191,7 +192,8 @@ def prepare_data(dataset_path: str, text_column: str, label_columns: Sequence[st
           f'(fold {eval_fold} of {num_folds})')
     check_label_coverage(labels, list(label_columns), {'training': train_idx, 'validation': val_idx, 'test': test_idx},
                          eval_fold, num_folds)
-    return PreparedData(texts, labels, list(label_columns), train_idx, val_idx, test_idx, eval_fold, stats)
+    split = {'num_folds': num_folds, 'seed': seed, 'data_fraction': data_fraction, 'val_fraction': val_fraction}
+    return PreparedData(texts, labels, list(label_columns), train_idx, val_idx, test_idx, eval_fold, stats, split)
 
 
 def check_label_coverage(labels: np.ndarray, label_names: Sequence[str], splits: Dict[str, np.ndarray], fold: int,

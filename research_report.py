@@ -24,8 +24,8 @@ import pandas as pd
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 from transformers.utils import logging as transformers_logging
 
-from research_compression_config import (PIPELINE_CONFIGS, STAGE_IDENTITY, STAGES, TOOL_MARKER, TOOL_OUTPUTS,
-                                         stage_summary)
+from research_compression_config import (PIPELINE_CONFIGS, STAGES, TOOL_MARKER, TOOL_OUTPUTS, TRAINING_READS,
+                                         identity_fields, settings_from_record, stage_summary)
 from research_data import TOKENIZATION_CACHE_PREFIX
 from research_errors import UsageError
 from research_files import (TEMPORARY_TAG, folder_size, fresh_folder_inside, remove_abandoned_temporaries, remove_entry,
@@ -297,7 +297,7 @@ def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], no
         copy_stage(node, target)
         set_threshold(target, args.threshold)
         stage['model_dir'] = os.path.abspath(target)
-        write_model_card(target, pipeline, stage, vars(args))
+        write_model_card(target, pipeline, stage, args.as_dict())
 
 
 def format_stage_table(stages: List[Dict]) -> str:
@@ -580,9 +580,9 @@ def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str
     config = {**config, **PIPELINE_CONFIGS[pipeline].overrides}
     kinds = stage_kinds_so_far(pipeline, result['stage'])
     settings = {'teacher': config.get('teacher_checkpoint') or config.get('teacher_path')}
-    shared = set.intersection(*(set(names) for names in STAGE_IDENTITY.values()))
-    for kind in kinds[1:]:
-        settings.update({k: config.get(k) for k in STAGE_IDENTITY[kind] if k not in shared})
+    made_with = settings_from_record(config)
+    for kind in kinds[1:]:   # each technique's own settings (those every training stage reads are left out)
+        settings.update({k: config.get(k) for k in identity_fields(made_with, kind) if k not in TRAINING_READS})
     lines = [f'# {pipeline}: {result["stage"]} model', '',
              f'A multi-label text classifier ({", ".join(config["label_columns"])}; sigmoid outputs, threshold '
              f'{config.get("threshold", 0.5)}) produced by the `{pipeline}` pipeline of this tool '

@@ -39,7 +39,7 @@ from research_files import (checksum_problems, copy_file_unshared, folder_checks
                             owner_record, remove_abandoned_temporaries, remove_entry, temporary_path)
 
 COMPLETE_MARKER = 'STAGE_COMPLETE'
-STAGE_FORMAT = 3  # bump when what a stored stage holds or how it is keyed changes, so older stores are not misread
+STAGE_FORMAT = 4  # bump when what a stored stage holds or how it is keyed changes, so older stores are not misread
 META_FILE = 'stage_meta.json'
 WORK_DIR = 'work'  # scratch space of a stage being produced (Trainer checkpoints), removed on completion
 LOCK_FOLDER = '.locks'   # <root>/.locks/<kind>-<key>.lock: beside, never inside, the stage folders

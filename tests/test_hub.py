@@ -85,8 +85,9 @@ def test_report_to_refuses_an_unknown_or_missing_integration_before_anything(tmp
 
 
 def test_report_to_is_no_part_of_a_stage_identity():
-    from research_compression_config import STAGE_IDENTITY
-    settings = {name for names in STAGE_IDENTITY.values() for name in names}
+    from research_compression_config import STAGES, identity_fields
+    from research_settings import default_settings
+    settings = {name for kind in STAGES for name in identity_fields(default_settings(), kind)}
     assert not settings & {'report_to', 'progress_bars', 'language', 'model_license', 'hub_dataset_id'}
 
 

@@ -43,10 +43,12 @@ def test_sampler_is_seeded_by_seed_and_epoch_and_groups_lengths():
 
 
 def test_group_by_length_is_on_by_default_and_part_of_every_training_stage_identity(tmp_path):
-    from research_compression_config import STAGE_IDENTITY, TRAINED_STAGES, parse_compression_arguments
-    assert parse_compression_arguments(fast_args(tmp_path)).group_by_length is True
+    from research_compression_config import identity_fields, parse_compression_arguments, pipeline_settings
+    settings = parse_compression_arguments(fast_args(tmp_path, quant_method='qat'))
+    assert settings.group_by_length is True
     assert parse_compression_arguments(fast_args(tmp_path, no_group_by_length=True)).group_by_length is False
-    assert all('group_by_length' in STAGE_IDENTITY[kind] for kind in TRAINED_STAGES)
+    settings = pipeline_settings(settings, 'kd_prune_quant', 42)
+    assert all('group_by_length' in identity_fields(settings, kind) for kind in ('teacher', 'kd', 'prune', 'quant'))
 
 
 class RecordingTrainer:
