@@ -42,8 +42,7 @@ def structured_folder(setup):
     from research_data import calibration_batches
     from research_inference import read_info, save_hf
     from research_pruning import apply_structured_pruning
-    args = copy.copy(setup['args'])
-    args.prune_method, args.prune_layers, args.prune_sparsity = 'structured', 'encoder', 0.5
+    args = setup['args'].replace(prune_method='structured', prune_layers='encoder', prune_sparsity=0.5)
     batches = calibration_batches(setup['splits'].train, setup['tokenizer'], 32, 16, seed=0)
     model, _ = apply_structured_pruning(copy.deepcopy(setup['model']), args, batches)
     folder = str(setup['root'] / 'structured')
