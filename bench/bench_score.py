@@ -10,7 +10,7 @@
 Timings run in interleaved rounds (int8 score, naive loop, fp32 score, ...) with a fixed thread count.
 
     python bench/bench_score.py --dataset_path ../shared/data/bangla_cyberbullying_5label.csv \
-        --run_dir OUTPUT_DIR_OF_A_KD_PRUNE_QUANT_RUN --threads 4 --rounds 3
+        --run_dir OUTPUT_DIR_OF_A_KD_PRUNE_QUANT_RUN_WITH_SAVE_ALL_STAGES --threads 4 --rounds 3
     python bench/bench_score.py --dataset_path ... --tiny     # makes its own tiny run; checks that it runs
 """
 
@@ -49,7 +49,7 @@ def make_tiny_run(dataset_path: str, work: str) -> str:
     code = run_main(['--dataset_path', dataset_path, '--author_name', 'bench', '--output_dir', out, '--pipeline',
                      'kd_prune_quant', '--teacher_path', teacher, '--student_layers', '1', '--max_length', '64',
                      '--num_folds', '1', '--data_fraction', '0.05', '--teacher_epochs', '1', '--epochs', '1',
-                     '--fine_tune_epochs', '1', '--latency_runs', '2', '--no_peak_memory'])
+                     '--fine_tune_epochs', '1', '--latency_runs', '2', '--no_peak_memory', '--save_all_stages'])
     assert code == 0, 'the tiny kd_prune_quant run failed'
     return out
 
@@ -89,8 +89,9 @@ def write_repeated(texts, rows: int, path: str) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dataset_path', required=True)
-    parser.add_argument('--run_dir', default=None, help='output_dir of a finished kd_prune_quant run (stages/quant, '
-                        'stages/baseline)')
+    parser.add_argument('--run_dir', default=None, help='output_dir of a finished kd_prune_quant run with '
+                        '--save_all_stages (stages/quant, stages/baseline)')
+    parser.add_argument('--fp32_dir', default=None, help='the fp32 teacher folder (default: RUN_DIR/stages/baseline)')
     parser.add_argument('--threads', type=int, default=4)
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--small_rows', type=int, default=10_000)
@@ -102,7 +103,8 @@ def main():
     if bench.tiny:
         bench.rounds, bench.small_rows, bench.large_rows = 1, 1_000, 20_000
     run_dir = bench.run_dir or make_tiny_run(bench.dataset_path, work)
-    int8, fp32 = os.path.join(run_dir, 'stages', 'quant'), os.path.join(run_dir, 'stages', 'baseline')
+    int8 = os.path.join(run_dir, 'stages', 'quant')
+    fp32 = bench.fp32_dir or os.path.join(run_dir, 'stages', 'baseline')
     texts, _, _ = clean_and_deduplicate(load_labeled_csv(bench.dataset_path, 'comment', LABEL_COLUMNS), 'comment',
                                         LABEL_COLUMNS)
     source = write_repeated(texts, len(texts), os.path.join(work, 'texts.csv'))
