@@ -7,9 +7,11 @@ When copies of one text disagree, each label is decided by majority vote over th
 counts as positive (a moderation model should rather see a disputed comment as harmful).
 """
 
+import csv
 import hashlib
 import json
 import os
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -19,7 +21,7 @@ import pandas as pd
 
 from research_distributed import main_process_first
 from research_errors import UsageError
-from research_files import checksum_problems, folder_checksums, remove_entry, temporary_path, write_json_atomically
+from research_files import checksum_problems, folder_checksums, remove_entry, write_json_atomically, written_aside
 
 TOKENIZATION_CACHE_PREFIX = 'tok_'
 CACHE_CHECKSUMS = 'checksums.json'   # sha256 of the files of a tokenization cache, written with it
@@ -80,6 +82,7 @@ def load_labeled_csv(path: str, text_column: str, label_columns: Sequence[str]) 
     except OSError as exc:      # permissions, an unreadable disk
         raise UsageError(f"Could not read the dataset file '{path}' ({exc.strerror or exc}). Check that it is readable "
                          'by you (e.g. chmod u+r), or copy it somewhere readable and pass that path.')
+    refuse_duplicated_header_names(path, [text_column, *label_columns])
     columns = list(frame.columns)
     if text_column not in columns:
         raise UsageError(f"Text column '{text_column}' is not in {path}. Its columns are: {', '.join(map(str, columns))}. "
@@ -102,6 +105,32 @@ def load_labeled_csv(path: str, text_column: str, label_columns: Sequence[str]) 
                          f'not texts. Pass the column that holds the comments with --text_column (the columns of {path} '
                          f"are: {', '.join(map(str, columns))}).")
     return frame[[text_column] + list(label_columns)]
+
+
+def header_names(path: str) -> List[str]:
+    """The names of the header row as written (pandas renames a repeated name `x` to `x.1`, hiding it)."""
+    try:
+        with open(path, encoding='utf-8-sig', newline='') as fh:
+            return next(csv.reader(fh), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def refuse_duplicated_header_names(path: str, used: Sequence[str]) -> None:
+    """A column the run reads must be named once: with two, pandas would read the first and silently rename
+    the other `<name>.1`; a name the run asks for that is only such a renaming is no column of the file."""
+    names = header_names(path)
+    counts = {name: names.count(name) for name in used if names.count(name) > 1}
+    if counts:
+        listed = ', '.join(f"'{n}' ({c} times)" for n, c in counts.items())
+        raise UsageError(f'The header row of {path} names the column(s) {listed} more than once, so it is not clear '
+                         'which column holds the data. Rename or remove the extra column(s) in the file, so that '
+                         '--text_column and every --label_columns name appears once.')
+    renamed = [n for n in used if names and n not in names and re.fullmatch(r'(.+)\.\d+', n)
+               and re.fullmatch(r'(.+)\.\d+', n).group(1) in names]
+    if renamed:
+        raise UsageError(f"{path} has no column named {', '.join(map(repr, renamed))}: that is the name pandas gives a "
+                         'repeated header name. Rename the repeated column in the file and pass its new name.')
 
 
 def clean_and_deduplicate(frame: pd.DataFrame, text_column: str, label_columns: Sequence[str]):
@@ -272,15 +301,13 @@ def tokenize_corpus(data: PreparedData, tokenizer, max_length: int, cache_dir: O
     corpus = corpus.select_columns(keep)
     if path:
         # Written aside with the checksums of its files, then renamed: a cache is complete or absent.
-        tmp = temporary_path(path)
-        corpus.save_to_disk(tmp)
-        write_json_atomically(os.path.join(tmp, CACHE_CHECKSUMS), folder_checksums(tmp))
         try:
-            os.replace(tmp, path)
+            with written_aside(path) as tmp:
+                corpus.save_to_disk(tmp)
+                write_json_atomically(os.path.join(tmp, CACHE_CHECKSUMS), folder_checksums(tmp))
         except OSError:
             if not os.path.isdir(path):
-                raise
-            remove_entry(tmp)             # another run wrote the same cache meanwhile
+                raise                     # (else another run wrote the same cache meanwhile; ours was removed)
         corpus = datasets.load_from_disk(path)
     return corpus
 

@@ -20,8 +20,8 @@ from research_batching import in_text_order, length_sorted_batches
 from research_data import tokenized_splits
 from research_files import write_json_atomically
 from research_inference import OnnxClassifier, TorchClassifier, export_to_onnx, load_compressed_model, sigmoid
-from research_latency import (WEIGHT_FILE_SUFFIXES, compressed_size_mb, cycle_ratio, intra_op_threads, make_timer,
-                              measure_interleaved)
+from research_latency import (MIN_CYCLES, WEIGHT_FILE_SUFFIXES, compressed_size_mb, cycle_ratio, intra_op_threads,
+                              make_timer, measure_interleaved)
 from research_models import folder_fingerprint, weight_names_in_group
 from research_vocab import unknown_token_share
 
@@ -247,9 +247,6 @@ def vocabulary_statistics(tokenizer, test_texts: Sequence[str], max_length: int)
     return stats
 
 
-MIN_CYCLES = 5
-
-
 # ---------------------------------------------------------------------------------------------
 # Latency: every stage of a run timed together, in interleaved rounds, with one thread policy
 # ---------------------------------------------------------------------------------------------
@@ -259,9 +256,10 @@ def measure_side_by_side(model_dirs: Dict[str, str], baseline: str, data, settin
     """Latency of every stage in `model_dirs` ({name: folder}), measured together: each loaded from disk,
     given the same batch of real test texts padded to `max_length` tokens (in its own tokenization), run with
     `--latency_threads` intra-op threads in PyTorch and ONNX Runtime alike, timed once per round in
-    `--latency_runs` rounds with the order rotated (research_latency.measure_interleaved). The speed-up
-    against `baseline` is the median over rotation cycles of the time ratio, with its IQR; a stage whose
-    spread exceeds `--latency_noise_bound` is flagged and warned about.
+    at least `--latency_runs` rounds with the order rotated (research_latency.measure_interleaved), then on
+    until every speed-up's 95% interval is within `--latency_tolerance` or `--latency_budget_s` is spent. The
+    speed-up against `baseline` is the median over rotation cycles of the time ratio, with its interval and
+    IQR; a stage that did not converge is flagged and warned about.
 
     `parents` ({stage name: folder of the PyTorch model it was made from}): for a stage that changed the
     runtime (an ONNX Runtime model made from a PyTorch one), its parent exported to ONNX at fp32 is timed in
@@ -282,10 +280,12 @@ def measure_side_by_side(model_dirs: Dict[str, str], baseline: str, data, settin
             reference = OnnxClassifier(onnx_path, parent.tokenizer, parent.label_names, parent.max_length,
                                        parent.threshold, {}, threads=threads)
             timers[f'{name} (fp32 ONNX reference)'] = make_timer(reference, _latency_batch_for(parent.tokenizer, data, settings))
-        # At least MIN_CYCLES whole rotations: the speed-up is a median over cycles and its spread needs several.
+        # At least MIN_CYCLES whole rotations: the speed-up is a median over cycles and its interval needs several.
         rounds = max(settings.latency_runs, MIN_CYCLES * len(timers))
         timed = measure_interleaved(timers, rounds=rounds, warmup=3, baseline=baseline,
-                                    noise_bound=settings.latency_noise_bound)
+                                    budget_s=settings.latency_budget_s, tolerance=settings.latency_tolerance,
+                                    seed=settings.seed)
+    print(convergence_line(timed, settings))
     results = {}
     for name in model_dirs:
         result = dict(timed[name])
@@ -299,16 +299,30 @@ def measure_side_by_side(model_dirs: Dict[str, str], baseline: str, data, settin
             own = cycle_ratio(reference, timed[name])
             result.update({'speedup_includes_runtime_change': True,
                            'latency_ms_p50_fp32_onnx_reference': reference['latency_ms_p50'],
-                           'speedup_vs_fp32_onnx': own['ratio'], 'speedup_vs_fp32_onnx_iqr': own['iqr']})
+                           'speedup_vs_fp32_onnx': own['ratio'], 'speedup_vs_fp32_onnx_iqr': own['iqr'],
+                           'speedup_vs_fp32_onnx_ci_low': own['ci_low'], 'speedup_vs_fp32_onnx_ci_high': own['ci_high']})
             if parent_name is not None:
                 runtime = cycle_ratio(timed[parent_name], reference)
                 result.update({'runtime_speedup_onnx_vs_pytorch': runtime['ratio'],
-                               'runtime_speedup_onnx_vs_pytorch_iqr': runtime['iqr']})
+                               'runtime_speedup_onnx_vs_pytorch_iqr': runtime['iqr'],
+                               'runtime_speedup_onnx_vs_pytorch_ci_low': runtime['ci_low'],
+                               'runtime_speedup_onnx_vs_pytorch_ci_high': runtime['ci_high']})
         result.pop('cycle_seconds')
         if result['latency_noisy']:
             print(f'[latency] warning: {result["latency_warning"]}')
         results[name] = result
     return results
+
+
+def convergence_line(timed: Dict[str, Dict], settings) -> str:
+    """The [eval] line saying how long the timing took and whether every number converged."""
+    first = next(iter(timed.values()))
+    unsettled = [name for name, result in timed.items() if not result['latency_converged']]
+    verdict = (f"every speed-up's 95% interval within +-{settings.latency_tolerance:.0%}" if not unsettled else
+               f"{len(unsettled)} did not converge within the {settings.latency_budget_s:g} s budget "
+               f"({', '.join(unsettled)}): flagged noisy")
+    return (f"[eval] latency: {len(timed)} stage(s) timed together in {first['latency_rounds']} rounds "
+            f"({first['latency_rounds'] // len(timed)} rotation cycles), {first['latency_seconds']:.1f} s; {verdict}")
 
 
 def _latency_batch_for(tokenizer, data, settings) -> dict:

@@ -1,11 +1,13 @@
 """Files the tool can trust: sha256 checksums of a folder's files, temporary names that say which process
 writes them (so the leftovers of a process that died can be recognised and removed), whether a process is
-still running, copies that never share an inode with their source, and removal that never follows a
-symbolic link and never leaves a given folder.
+still running, copies that never share an inode with their source, removal that never follows a symbolic link and never
+leaves a given folder, whether a set of entries can be moved (and moving all of them or none), and whether
+a file a library wrote was written to its end.
 
 Nothing here knows about models, stages or runs; the stage store, the caches and the output folder use it.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +16,8 @@ import shutil
 import socket
 import sys
 import tempfile
-from typing import Dict, List, Optional, Tuple
+import zipfile
+from typing import IO, Dict, Iterator, List, Optional, Tuple
 
 TEMPORARY_TAG = '.tmp-'   # <final name>.tmp-<host>-<pid>: written aside, then renamed into place
 _TEMPORARY = re.compile(r'^(?P<final>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)$')
@@ -71,12 +74,34 @@ def temporary_path(path: str) -> str:
     return f'{path}{TEMPORARY_TAG}{this_host()}-{os.getpid()}'
 
 
-def write_json_atomically(path: str, payload) -> None:
-    """Write aside, then rename: an interrupted run never leaves a complete-looking, half-written file."""
+@contextlib.contextmanager
+def written_aside(path: str) -> Iterator[str]:
+    """The one way the tool writes a file or folder that must be complete or absent: the block writes the
+    temporary name this yields (temporary_path: the only temporary scheme, so cleanup knows one pattern),
+    which is renamed onto `path` when the block ends; if the block or the rename fails, it is removed."""
     tmp = temporary_path(path)
-    with open(tmp, 'w', encoding='utf-8') as fh:
-        json.dump(payload, fh, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            remove_entry(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'w', encoding: Optional[str] = 'utf-8') -> Iterator[IO]:
+    """open(path, mode) written aside and renamed into place on close (see written_aside); never writes
+    through an existing file at `path`, which may share its blocks with a copy."""
+    with written_aside(path) as tmp, open(tmp, mode, encoding=None if 'b' in mode else encoding) as fh:
+        yield fh
+
+
+def write_json_atomically(path: str, payload, **dump_options) -> None:
+    """Write aside, then rename: an interrupted run never leaves a complete-looking, half-written file."""
+    options = {'indent': 2, 'ensure_ascii': False, 'default': str, **dump_options}
+    with atomic_write(path) as fh:
+        json.dump(payload, fh, **options)
 
 
 def abandoned_temporary(name: str) -> bool:
@@ -103,12 +128,9 @@ def remove_abandoned_temporaries(folder: str) -> List[str]:
 # Checksums
 # ---------------------------------------------------------------------------------------------
 
-def sha256_of_file(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_of_file(path: str) -> str:
     with open(path, 'rb') as fh:
-        for block in iter(lambda: fh.read(chunk), b''):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, 'sha256').hexdigest()
 
 
 def folder_checksums(folder: str, exclude: Tuple[str, ...] = ()) -> Dict[str, Dict]:
@@ -233,3 +255,122 @@ def folder_problem(path: str) -> Optional[str]:
     except OSError as exc:
         return f"cannot be written ({exc.strerror or exc} in '{existing}')"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving a set of entries: all of them or none
+# ---------------------------------------------------------------------------------------------
+
+FS_IOC_GETFLAGS = 0x80086601          # Linux ioctl: the inode flags that `lsattr` shows
+FS_IMMUTABLE_FL, FS_APPEND_FL = 0x10, 0x20
+
+
+def inode_flags(path: str) -> int:
+    """The inode flags of a file or folder (0 where the filesystem or the platform cannot say)."""
+    if not sys.platform.startswith('linux') or os.path.islink(path):
+        return 0
+    try:
+        import fcntl
+        import struct
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, 'O_NOFOLLOW', 0))
+    except OSError:
+        return 0
+    try:
+        return struct.unpack('i', fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))[:4])[0]
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def locked_by_flags(path: str) -> Optional[str]:
+    flags = inode_flags(path)
+    if flags & FS_IMMUTABLE_FL:
+        return 'is marked immutable (chattr +i)'
+    if flags & FS_APPEND_FL:
+        return 'is marked append-only (chattr +a)'
+    return None
+
+
+def rename_problem(path: str) -> Optional[str]:
+    """Why `path` cannot be renamed to another name in the same folder tree (None when nothing says it
+    cannot): it or its folder is immutable or append-only, it is a mount point, or (for other users than
+    root) its folder, or the folder itself, cannot be written. Looks, moves nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    problem = locked_by_flags(path)
+    if problem:
+        return problem
+    problem = locked_by_flags(folder)
+    if problem:
+        return f"lies in '{folder}', which {problem}"
+    if not os.path.islink(path) and os.path.isdir(path) and os.stat(path).st_dev != os.stat(folder).st_dev:
+        return 'is a mount point (another filesystem is mounted there)'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"lies in '{folder}', which you cannot write to"
+    if not os.path.islink(path) and os.path.isdir(path) and not os.access(path, os.W_OK):
+        return 'is a folder you cannot write to (moving it changes its parent entry)'
+    return None
+
+
+def move_all_or_none(moves: List[Tuple[str, str]]) -> None:
+    """Rename every (source, target); when one fails, the ones already moved are moved back and the error
+    is raised (an OSError naming the source): never half the set moved."""
+    done = []
+    try:
+        for source, target in moves:
+            try:
+                os.rename(source, target)
+            except OSError as exc:
+                exc.filename = exc.filename or source
+                raise
+            done.append((source, target))
+    except OSError:
+        for source, target in reversed(done):
+            os.rename(target, source)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Files written to the end
+# ---------------------------------------------------------------------------------------------
+
+def own_temporaries(folder: str) -> List[str]:
+    """The temporaries this process is writing under `folder` (its whole tree, links not followed)."""
+    mine = f'{TEMPORARY_TAG}{this_host()}-{os.getpid()}'
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            if name.endswith(mine):
+                found.append(os.path.join(root, name))
+        dirs[:] = [d for d in dirs if not d.endswith(mine)]
+    return found
+
+
+def file_is_whole(path: str) -> bool:
+    """Whether a file that a library wrote was written to its end, for the formats whose end can be
+    checked cheaply: JSON parses, a safetensors file is as long as its header says, a zip (torch.save)
+    has its central directory. Other files count as whole."""
+    try:
+        if path.endswith('.json'):
+            with open(path, encoding='utf-8') as fh:
+                json.load(fh)
+        elif path.endswith('.safetensors'):
+            return safetensors_is_whole(path)
+        elif zipfile.is_zipfile(path) or path.endswith(('.pt', '.pth')):
+            with zipfile.ZipFile(path):      # reads the central directory, written last
+                return True
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+    return True
+
+
+def safetensors_is_whole(path: str) -> bool:
+    """A safetensors file: 8-byte header length, the JSON header, then the data its offsets end at."""
+    with open(path, 'rb') as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return False
+        length = int.from_bytes(head, 'little')
+        header = json.loads(fh.read(length))
+    ends = [entry['data_offsets'][1] for name, entry in header.items() if name != '__metadata__']
+    return os.path.getsize(path) >= 8 + length + max(ends, default=0)

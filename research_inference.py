@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from research_errors import UsageError
+from research_files import atomic_write, file_is_whole
 from research_latency import onnxruntime_session_options
 from research_models import build_structurally_pruned_model, is_structurally_pruned, model_inputs
-from research_scoring import parse_inference_arguments, print_predictions, score_command
+from research_scoring import parse_inference_arguments, score_command
 
 INFO_FILE = 'compression_info.json'
 ONNX_FILE = 'model.onnx'
@@ -179,20 +180,48 @@ def unpack_matmul_nbits_codes(packed: np.ndarray, k: int) -> np.ndarray:
 
 
 def read_info(model_dir: str) -> dict:
+    """The folder's compression_info.json, refused by name when it is missing, damaged or lacks what loading needs."""
     path = os.path.join(model_dir, INFO_FILE)
     if not os.path.isfile(path):
         raise UsageError(f"'{model_dir}' is not a model folder saved by this tool (no {INFO_FILE}). Pass a stage folder "
                          'such as <output_dir>/stages/quant.')
-    with open(path, encoding='utf-8') as fh:
-        return json.load(fh)
+    try:
+        with open(path, encoding='utf-8') as fh:
+            info = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"'{path}' cannot be read ({type(exc).__name__}: {exc}): the file is damaged or was cut "
+                         f'short. {REFETCH_FIX}') from exc
+    missing = [k for k in ('format', 'label_names', 'max_length') if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise UsageError(f"'{path}' lacks {', '.join(missing)} (it is damaged, or not written by this tool). {REFETCH_FIX}")
+    return info
+
+
+REFETCH_FIX = ('Copy the model folder again from where it was made, or export it again (research_main.py writes every '
+               'final stage to <output_dir>/stages/<stage>/).')
+
+
+def load_problem(model_dir: str, exc: Exception) -> Optional[UsageError]:
+    """A folder whose files cannot be loaded (cut short, damaged) as a refusal naming the file; None when
+    `exc` is no such failure (a bug keeps its traceback)."""
+    files = sorted(os.path.join(model_dir, n) for n in os.listdir(model_dir) if os.path.isfile(os.path.join(model_dir, n)))
+    damaged = [f for f in files if not file_is_whole(f)]
+    from_loader = isinstance(exc, (OSError, ValueError)) or type(exc).__module__.startswith(('onnxruntime', 'safetensors',
+                                                                                             'google.protobuf', 'onnx'))
+    if not damaged and not from_loader:
+        return None
+    if not damaged and type(exc).__module__.startswith('onnxruntime'):
+        damaged = [f for f in files if f.endswith('.onnx')]
+    named = ', '.join(f"'{f}'" for f in damaged) or f"a file of '{model_dir}'"
+    first_line = (str(exc).strip().splitlines() or [''])[0][:200]
+    return UsageError(f'{named} cannot be loaded ({type(exc).__name__}: {first_line}): it is damaged or was cut short. '
+                      f'{REFETCH_FIX}')
 
 
 def _write_info(model_dir: str, info: dict) -> None:
     """compression_info.json: written aside and renamed (never through an existing file, which may be shared)."""
-    tmp = os.path.join(model_dir, INFO_FILE + '.tmp')
-    with open(tmp, 'w', encoding='utf-8') as fh:
+    with atomic_write(os.path.join(model_dir, INFO_FILE)) as fh:
         json.dump(info, fh, indent=2)
-    os.replace(tmp, os.path.join(model_dir, INFO_FILE))
 
 
 def set_threshold(model_dir: str, threshold: float) -> None:
@@ -365,7 +394,15 @@ def load_compressed_model(path: str, device: Optional[str] = None) -> Compressed
     if info.get('format') not in FORMATS:
         raise UsageError(f"'{path}' has format '{info.get('format')}', which this version cannot load "
                          f"(known: {', '.join(FORMATS)}).")
-    classifier = FORMATS[info['format']].load(path, info)
+    try:
+        classifier = FORMATS[info['format']].load(path, info)
+    except UsageError:
+        raise
+    except Exception as exc:
+        problem = load_problem(path, exc)
+        if problem is None:
+            raise
+        raise problem from exc
     return classifier if device is None else classifier.to(device)
 
 
@@ -401,13 +438,24 @@ def main(argv=None) -> int:
     try:
         args = parse_inference_arguments(argv)
         if args.command == 'predict':
-            print_predictions(load_compressed_model(args.model_dir, device=args.device), args.texts)
+            model = load_compressed_model(args.model_dir, device=args.device)
+            for text, probs in zip(args.texts, model.predict(args.texts)):
+                print(json.dumps(prediction_record(text, probs, model.threshold), ensure_ascii=False))
             return 0
         read_info(args.model_dir)   # not a saved model: refused before the input is read
         return score_command(args, lambda: load_compressed_model(args.model_dir, device=args.device))
     except UsageError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
+
+
+def prediction_record(text: str, probs: Dict[str, float], threshold: float) -> Dict:
+    """What the CLI prints for one text. An empty (or blank) text has nothing to classify: no labels and
+    no probabilities, and a note saying so (training drops such texts too)."""
+    if not text.strip():
+        return {'text': text, 'labels': [], 'probabilities': {}, 'note': 'empty text: nothing to classify, no labels'}
+    return {'text': text, 'labels': [name for name, p in probs.items() if p >= threshold],
+            'probabilities': {k: round(v, 4) for k, v in probs.items()}}
 
 
 if __name__ == '__main__':

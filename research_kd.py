@@ -29,7 +29,7 @@ from research_batching import in_text_order, length_sorted_batches
 from research_data import tokenized_splits, tokenizer_fingerprint
 from research_distributed import main_process_first
 from research_errors import UsageError
-from research_files import remove_entry, temporary_path
+from research_files import atomic_write, remove_entry
 from research_inference import load_trainable_model, save_hf
 from research_models import (check_model_source, configured_depth, linear_weight_roles, load_encoder_for_classification,
                              load_tokenizer, model_inputs, weights_fingerprint)
@@ -365,10 +365,8 @@ def cached_teacher_logits(teacher, teacher_tokenizer, teacher_train_dataset, dat
     logits = teacher_logits_on(teacher, teacher_tokenizer, teacher_train_dataset)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = temporary_path(path)
-        with open(tmp, 'wb') as fh:
+        with atomic_write(path, 'wb') as fh:
             np.save(fh, logits)
-        os.replace(tmp, path)
         print(f'[kd] teacher logits computed once and cached in {path}')
     return logits, False
 

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 from transformers import set_seed
 from transformers.utils import logging as transformers_logging
 
+from research_cache_upkeep import cache_report, prune_cache
 from research_compression_config import (PIPELINE_CONFIGS, STAGES, parse_compression_arguments, pipeline_settings,
                                          print_compression_config, requested_pipelines, save_config, stage_identity,
                                          store_maintenance)
@@ -39,12 +40,14 @@ from research_distributed import (all_processes, broadcast, finish, is_distribut
                                   start)
 from research_errors import UsageError
 from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, peak_memory_of_stages
-from research_files import remove_abandoned_temporaries
-from research_report import (CONFIG_JSON, RUN_LOG, STAGE_LOG, cache_report, captured_output, export_stage_models,
-                             final_stage_row, format_stage_table, prepare_output_dir, prune_cache, run_log,
-                             show_progress_bars, summarize_runs, write_json_atomically, write_pipeline_results,
-                             write_plots, write_summary)
+from research_faults import fault_exit_code, faults_reported, install_signal_handlers
+from research_files import remove_abandoned_temporaries, write_json_atomically
+from research_output import CONFIG_JSON, RUN_LOG, STAGE_LOG, captured_output, prepare_output_dir, run_log, show_progress_bars
+from research_plots import write_plots
+from research_results import (export_stage_models, final_stage_row, format_stage_table, summarize_runs,
+                              write_pipeline_results, write_summary)
 from research_stages import WORK_DIR, StageNode, StageStore, stage_key
+from research_tokenizer_fit import report_tokenizer_fit, tokenizer_roles
 from research_training import resumable_checkpoint
 
 
@@ -56,6 +59,7 @@ class Run:
     data: object
     nodes: Dict[str, List[StageNode]]
     stages: Dict[str, List[Dict]]
+    tokenizer_fit: Optional[Dict] = None
 
 
 def stage_keys(pipeline: str, data, settings) -> List[tuple]:
@@ -117,7 +121,9 @@ def run_chain(store: StageStore, pipeline: str, data, settings, label: str) -> L
             nodes.append(get_or_run_together(store, kind, key, produce, settings.train_seed, where, identity,
                                              STAGES[kind].trains(named)))
         else:
-            nodes.append(store.get_or_run(kind, key, produce, settings.train_seed, where, identity=identity))
+            made_from = parent.path if parent else settings.teacher_checkpoint or settings.teacher_path
+            nodes.append(store.get_or_run(kind, key, produce, settings.train_seed, where, identity=identity,
+                                          made_from=made_from))
     return nodes
 
 
@@ -146,8 +152,9 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
     for result in measured.values():
         print(f'[eval] {result["stage"]}: macro-F1 {result["f1_macro"]:.4f}, {result["size_mb"]:.2f} MB on disk '
               f'({result["size_mb_compressed"]:.2f} MB zipped), p50 {result["latency_ms_p50"]:.2f} ms, '
-              f'{result["speedup"]:.2f}x the teacher (batch {settings.latency_batch_size} x {settings.max_length} '
-              f'tokens, {settings.latency_threads} thread(s))' + (' [noisy]' if result['latency_noisy'] else ''))
+              f'{result["speedup"]:.2f}x [{result["speedup_ci_low"]:.2f}, {result["speedup_ci_high"]:.2f}] the teacher '
+              f'(batch {settings.latency_batch_size} x {settings.max_length} tokens, {settings.latency_threads} '
+              f'thread(s))' + (' [noisy: did not converge]' if result['latency_noisy'] else ''))
     return {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
 
 
@@ -216,7 +223,8 @@ def usage_errors_logged():
     try:
         yield
     except UsageError as exc:
-        print(f'error: {exc}', file=sys.stderr)
+        with contextlib.suppress(OSError):      # a full disk may refuse the log's copy of the message
+            print(f'error: {exc}', file=sys.stderr)
         exc.logged = True
         raise
 
@@ -251,13 +259,19 @@ def main(args_list: Optional[List[str]] = None) -> int:
         # Output folder: a foreign one is refused, an earlier run's own files are archived
         prepare_output_dir(args)
         show_progress_bars(args.progress_bars)
-        with run_log(os.path.join(args.output_dir, RUN_LOG), preamble.getvalue()), usage_errors_logged():
+        with run_log(os.path.join(args.output_dir, RUN_LOG), preamble.getvalue()), usage_errors_logged(), \
+                faults_reported([args.cache_dir, args.output_dir]):
             # Configuration, printed and saved before any long work
             print_compression_config(args, pipelines)
             save_config(args, os.path.join(args.output_dir, CONFIG_JSON), pipelines)
             started = time.time()
             # Stages (shared between pipelines, reused from the store), then every stage measured side by side
+            # Does each tokenizer read this language? Counted on training texts, warned about before training
+            roles = tokenizer_roles([(pipeline_settings(args, p, args.train_seed), PIPELINE_CONFIGS[p].chain) for p in pipelines])
+            fit = report_tokenizer_fit(roles, next(iter(folds.values())), args.seed)
             runs, events = run_plan(args, pipelines, folds)
+            for run in runs:
+                run.tokenizer_fit = fit
             # Results, exported models, ablation summary and plots
             write_outputs(args, pipelines, runs, events)
             trained = sum(1 for e in events if not e['reused'])
@@ -268,8 +282,14 @@ def main(args_list: Optional[List[str]] = None) -> int:
         if is_main_process() and not getattr(exc, 'logged', False):
             print(f'error: {exc}', file=sys.stderr)
         return exc.exit_code
+    except BaseException as exc:    # Ctrl-C, SIGTERM, a full disk: one line, never a traceback; a bug keeps its own
+        code = fault_exit_code(exc)
+        if code is None:
+            raise
+        return code
     return 0
 
 
 if __name__ == '__main__':
+    install_signal_handlers()
     sys.exit(main())

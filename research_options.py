@@ -93,7 +93,7 @@ def _add_field(group, f) -> None:
     if is_list:   # choices of a list's items are checked with the ranges (argparse would compare the whole list)
         kwargs['type'] = _comma_list_parser(item_type, flag)
     else:
-        kwargs['type'] = _item_parser(item_type, flag)
+        kwargs['type'] = item_type            # argparse's own message: "invalid int value: 'abc'"
         if meta['choices']:
             kwargs['choices'] = meta['choices']
     group.add_argument(flag, **kwargs)
@@ -128,6 +128,12 @@ def _bound_problem(value, meta: Dict) -> Optional[str]:
     low, high = meta['low'], meta['high']
     too_low = low is not None and (value <= low if meta['low_open'] else value < low)
     too_high = high is not None and (value >= high if meta['high_open'] else value > high)
-    if too_low or too_high:
-        return f'in {bounds}' if low is not None and high is not None else bounds
-    return None
+    if not (too_low or too_high):
+        return None
+    if high is not None and low is not None:
+        return f'in {bounds}'
+    if high is not None:
+        return bounds
+    if meta['low_open']:
+        return 'positive' if low == 0 else f'more than {low:g}'
+    return '0 or more' if low == 0 and not isinstance(value, int) else f'at least {low:g}'

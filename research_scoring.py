@@ -86,15 +86,6 @@ def parse_inference_arguments(argv: Optional[List[str]] = None) -> argparse.Name
     return args
 
 
-def print_predictions(classifier, texts: List[str]) -> None:
-    """`predict`: one JSON line per text, labels at or above their threshold listed."""
-    thresholds = label_thresholds(classifier)
-    for text, probs in zip(texts, classifier.predict(texts)):
-        flagged = [name for name, p in probs.items() if p >= thresholds[name]]
-        print(json.dumps({'text': text, 'labels': flagged, 'probabilities': {k: round(v, 4) for k, v in probs.items()}},
-                         ensure_ascii=False))
-
-
 def label_thresholds(classifier) -> Dict[str, float]:
     """Label -> decision threshold: the folder's per-label `thresholds` (tuned on validation) when it has
     them, else its single `threshold` for every label."""

@@ -161,7 +161,7 @@ class TrainingSettings:
     """training"""
     batch: int = setting(32, 'Training batch size per device (per process under torchrun / accelerate launch: the '
                              'effective batch is this x processes x --gradient_accumulation_steps).', low=1)
-    lr: float = setting(2e-5, 'Learning rate of teacher and student training.', low=0.0, high=1.0, low_open=True)
+    lr: float = setting(2e-5, 'Learning rate of teacher and student training.', low=0.0, low_open=True)
     epochs: int = setting(15, 'Student (KD) epochs.', low=1)
     warmup_ratio: float = setting(0.1, 'Share of the steps with linear warm-up.', low=0.0, high=1.0, high_open=True)
     weight_decay: float = setting(0.01, 'AdamW weight decay.', low=0.0)
@@ -185,8 +185,7 @@ class KDSettings:
     """knowledge distillation"""
     kd_alpha: float = setting(0.7, 'Weight of the soft-target (logit) term; 1-alpha weights the labels. The hidden and '
                                    'attention terms are added with their own weights.', low=0.0, high=1.0)
-    kd_temperature: float = setting(4.0, 'Temperature T of the per-label sigmoid soft targets.', low=0.0, high=100.0,
-                                    low_open=True)
+    kd_temperature: float = setting(4.0, 'Temperature T of the per-label sigmoid soft targets.', low=0.0, low_open=True)
     kd_method: str = setting(
         'logit', "'logit': soft targets only (teacher logits cached in --cache_dir); 'hidden': + MSE between mapped hidden "
                  "states (learned projection when widths differ); 'attention': + KL between mapped head-averaged "
@@ -235,7 +234,7 @@ class PruneSettings:
                                           on_flag=True)
     fine_tune_epochs: int = setting(3, 'Epochs of fine-tuning after pruning (and of QAT).', low=0)
     fine_tune_lr: Optional[float] = setting(None, 'Learning rate for fine-tuning after pruning and for QAT (default: lr/2).',
-                                            low=0.0, high=1.0, low_open=True)
+                                            low=0.0, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -260,14 +259,20 @@ class EvalSettings:
              'reuses the trained stages (training picks its best epoch at 0.5 whatever this says) and only re-scores '
              'and re-exports them.', low=0.0, high=1.0, low_open=True, high_open=True, result=False)
     latency_batch_size: int = setting(1, 'Batch size of the latency measurement.', low=1, result=False)
-    latency_runs: int = setting(30, 'Timed rounds: in each round every stage of the run predicts the latency batch once, '
-                                    'in an order rotated every round (after 3 warm-up rounds); at least 5 full rotations '
-                                    'are run.', low=1, result=False)
+    latency_runs: int = setting(30, 'Minimum timed rounds: in each round every stage of the run predicts the latency '
+                                    'batch once, in an order rotated every round (after 3 warm-up rounds); at least 5 '
+                                    'full rotations are run, then more until the numbers converge (--latency_budget_s).',
+                                low=1, result=False)
     latency_threads: int = setting(1, 'Intra-op threads of every runtime while timing (PyTorch and ONNX Runtime alike), '
                                       'recorded in the results.', low=1, result=False)
-    latency_noise_bound: float = setting(0.15, 'A stage whose latency or speed-up spread (interquartile range / median) '
-                                               'exceeds this is flagged noisy in the results and warned about.',
-                                         low=0.0, low_open=True, result=False)
+    latency_budget_s: float = setting(
+        60.0, "Seconds the interleaved timing may take: after --latency_runs rounds it goes on in whole rotation cycles "
+              "until every speed-up's 95%% interval, and the teacher's median latency's, is within --latency_tolerance "
+              'of its value, or this budget is spent; only a stage that did not converge is flagged noisy. 0: exactly '
+              '--latency_runs rounds (rounded up to a whole cycle).', low=0.0, result=False)
+    latency_tolerance: float = setting(
+        0.05, "Relative half-width (0.05 = +-5%%) that a speed-up's 95%% bootstrap interval over rotation cycles must "
+              'reach for the timing to count as converged.', low=0.0, high=0.5, low_open=True, result=False)
     measure_peak_memory: bool = setting(True, 'Skip the peak-memory measurement (without it, each stage is loaded once '
                                               'more in a fresh process to measure its peak resident memory, about 3 s '
                                               'per stage).', off_flag='--no_peak_memory', result=False)
@@ -385,6 +390,9 @@ class Settings:
 
     def __setattr__(self, name, value):
         raise AttributeError(f'settings are immutable: use settings.replace({name}=...)')
+
+    def __reduce__(self):   # copy and pickle (a fresh measuring process) rebuild it from its groups
+        return Settings, (self._groups,)
 
     def __eq__(self, other):
         return isinstance(other, Settings) and self._groups == other._groups

@@ -15,7 +15,9 @@ A store you can trust:
   a process that dies, and a lock whose recorded owner is a dead process of this host is taken over;
 - a stage folder without a completion record and without a live lock is the leftover of an interrupted
   run, and is removed when the store opens; only its `work/` survives when it holds checkpoints the step can
-  resume from (the `resumable` test the run gives the store), so an interrupted training resumes.
+  resume from (the `resumable` test the run gives the store), so an interrupted training resumes;
+- a full disk while a stage is written empties its folder (no completion record; only the newest whole
+  checkpoint stays) and refuses the run saying what the stage needs and what is free (research_faults).
 
 Quality and latency are never taken from the store: every stage is loaded back from disk and evaluated in
 the current run, so speed-ups compare measurements taken side by side (research_eval keeps only what depends
@@ -35,8 +37,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 from filelock import FileLock, Timeout
 from transformers import set_seed
 
+from research_errors import UsageError
+from research_faults import disk_full_refusal, is_disk_full, stage_space_estimate
 from research_files import (checksum_problems, copy_file_unshared, folder_checksums, folder_size, owner_is_dead,
-                            owner_record, remove_abandoned_temporaries, remove_entry, temporary_path)
+                            owner_record, remove_abandoned_temporaries, remove_entry, write_json_atomically)
 
 COMPLETE_MARKER = 'STAGE_COMPLETE'
 STAGE_FORMAT = 4  # bump when what a stored stage holds or how it is keyed changes, so older stores are not misread
@@ -269,12 +273,41 @@ class StageStore:
             json.dump(meta, fh, indent=2, default=str)
         record = {'format': STAGE_FORMAT, 'kind': kind, 'key': key, 'completed': time.time(), 'seconds': seconds,
                   **owner_record(), 'settings': identity or {}, 'files': folder_checksums(path, exclude=(COMPLETE_MARKER,))}
-        marker = os.path.join(path, COMPLETE_MARKER)
-        tmp = temporary_path(marker)
-        with open(tmp, 'w', encoding='utf-8') as fh:
-            json.dump(record, fh, indent=1, default=str)
-        os.replace(tmp, marker)
+        write_json_atomically(os.path.join(path, COMPLETE_MARKER), record, indent=1, ensure_ascii=True)
         return StageNode(kind, key, path, meta, reused=False)
+
+    @contextlib.contextmanager
+    def disk_full_refused(self, kind: str, key: str, made_from: Optional[str]) -> Iterator[None]:
+        """A full disk while the stage is written: nothing of it may look complete, so its files go, except
+        the newest whole Trainer checkpoint (the next attempt resumes from it), and the run is refused with
+        what the stage needs and what is free."""
+        path = self.path(kind, key)
+        try:
+            yield
+        except Exception as exc:
+            if isinstance(exc, UsageError) or not is_disk_full(exc, [path]):
+                raise
+            written = folder_size(path)
+            kept = self.discard_all_but_resumable(path)
+            raise disk_full_refusal(path, stage_space_estimate(written, made_from), f'stage {kind}-{key}',
+                                    'About that much is needed to store the stage; its half-written files were removed'
+                                    + (f' (the whole checkpoint {kept} is kept, to resume from)' if kept else '')
+                                    + ' and nothing was recorded as complete.') from exc
+
+    def discard_all_but_resumable(self, path: str) -> Optional[str]:
+        """Empty a stage folder that could not be written, keeping only the checkpoint `resumable` names in its
+        `work/` (a half-written checkpoint is never it); returns that checkpoint's name, or None."""
+        work = os.path.join(path, WORK_DIR)
+        keep = self.resumable(work) if self.resumable and os.path.isdir(work) and not os.path.islink(work) else None
+        keep = os.path.basename(keep) if isinstance(keep, str) and os.path.dirname(os.path.abspath(keep)) == os.path.abspath(work) else None
+        self.clear_all_but_work(path)
+        if keep is None:
+            remove_entry(work)
+            return None
+        for name in os.listdir(work):
+            if name != keep:
+                remove_entry(os.path.join(work, name))
+        return keep
 
     def plan(self, keys: Iterable[str]) -> None:
         """How many distinct stages the run needs (for the progress display)."""
@@ -282,11 +315,12 @@ class StageStore:
         self.visited = 0
 
     def get_or_run(self, kind: str, key: str, produce: Callable[[str], Dict], seed: int, where: str = '',
-                   identity: Optional[Dict] = None) -> StageNode:
+                   identity: Optional[Dict] = None, made_from: Optional[str] = None) -> StageNode:
         """The stored stage `kind-key`, produced by `produce(folder) -> meta` (with the seed set, so its
         randomness never depends on what ran before it) when it is not stored yet. Under the stage's lock: a
         run that needs a stage another run is producing waits, then reuses it. `identity` (the settings that
-        made the key) is recorded for --cache_report."""
+        made the key) is recorded for --cache_report; `made_from` (the folder of the model it starts from) sizes
+        what a full disk needs."""
         if key in self.nodes:
             return self.nodes[key]
         self.visited += 1
@@ -298,7 +332,8 @@ class StageStore:
                 set_seed(seed)
                 started = time.time()
                 folder = self.begin(kind, key)
-                node = self.complete(kind, key, produce(folder), identity, time.time() - started)
+                with self.disk_full_refused(kind, key, made_from):
+                    node = self.complete(kind, key, produce(folder), identity, time.time() - started)
         self.events.append({'kind': kind, 'key': key, 'reused': node.reused})
         self.nodes[key] = node
         return node
@@ -388,6 +423,13 @@ def copy_stage(node: StageNode, target: str) -> str:
     def copy(source, destination):
         how.add(copy_file_unshared(source, destination))
         return destination
-    shutil.copytree(node.path, target, copy_function=copy, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(COMPLETE_MARKER, META_FILE, 'README.md', WORK_DIR))
+    try:
+        shutil.copytree(node.path, target, copy_function=copy, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(COMPLETE_MARKER, META_FILE, 'README.md', WORK_DIR))
+    except Exception as exc:
+        if not is_disk_full(exc, [target]):
+            raise
+        remove_entry(target)            # a half-copied model folder must not look like an exported model
+        raise disk_full_refusal(target, folder_size(node.path), f'the exported model {target}',
+                                'The half-copied folder was removed.') from exc
     return 'copy' if 'copy' in how else 'reflink'

@@ -25,6 +25,7 @@ from research_data import positive_class_weights, tokenized_splits
 from research_distributed import barrier, in_all_processes, is_distributed, is_main_process
 from research_errors import UsageError
 from research_eval import quality_metrics
+from research_files import file_is_whole
 from research_inference import INFO_FILE, save_hf, sigmoid
 from research_models import (check_model_source, linear_weight_roles, load_encoder_for_classification,
                              load_fine_tuned_classifier, load_tokenizer, model_inputs)
@@ -212,6 +213,8 @@ def work_folder(settings, out_dir: str) -> str:
     return settings.work_dir or os.path.join(out_dir, 'work')
 
 
+# Not transformers' get_last_checkpoint: (5.x) it returns the highest-numbered checkpoint folder even when it is
+# incomplete (killed while saving), where this falls back to the newest complete one.
 def resumable_checkpoint(work_dir: str) -> Optional[str]:
     """The newest complete Trainer checkpoint in `work_dir` (its trainer_state.json, written last, and the
     optimizer's state exist), or None. An interrupted attempt of this very stage left it: the store keeps the
@@ -225,9 +228,16 @@ def resumable_checkpoint(work_dir: str) -> Optional[str]:
             steps.append((int(number), os.path.join(work_dir, name)))
     for _, path in sorted(steps, reverse=True):
         # with the optimizer's state too: weights alone (an older version's checkpoint) are no honest resume
-        if all(os.path.isfile(os.path.join(path, name)) for name in (TRAINER_STATE_FILE, OPTIMIZER_FILE)):
+        if all(os.path.isfile(os.path.join(path, name)) for name in (TRAINER_STATE_FILE, OPTIMIZER_FILE)) \
+                and checkpoint_is_whole(path):
             return path
     return None
+
+
+def checkpoint_is_whole(path: str) -> bool:
+    """Every file of the checkpoint written to its end (a full disk or a kill can cut one short while the
+    Trainer writes the next)."""
+    return all(file_is_whole(os.path.join(root, name)) for root, _, files in os.walk(path) for name in files)
 
 
 def run_training(trainer: Trainer, work_dir: str):

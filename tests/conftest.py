@@ -79,7 +79,7 @@ def fast_args(output_dir, measure_memory=False, **overrides):
     settings = {
         'dataset_path': SAMPLE_CSV, 'author_name': 'tests', 'output_dir': str(output_dir), 'num_folds': '1',
         'max_length': '32', 'batch': '16', 'lr': '5e-4', 'teacher_epochs': '2', 'epochs': '2', 'fine_tune_epochs': '1',
-        'latency_runs': '3', 'early_stopping_patience': '2',
+        'latency_runs': '3', 'latency_budget_s': '0', 'early_stopping_patience': '2',
     }
     settings.update({k: str(v) for k, v in overrides.items() if v is not None and v is not True})
     argv = []

