@@ -43,7 +43,7 @@ TOOL_MARKER = 'research_compression'   # config.json of a run of this tool says 
 
 # Every step that trains reads these (research_training.training_arguments); the split is in the data key.
 TRAINING_READS = ('label_columns', 'max_length', 'batch', 'lr', 'warmup_ratio', 'weight_decay', 'gradient_clip_norm',
-                  'early_stopping_patience', 'gradient_accumulation_steps', 'mixed_precision', 'train_seed',
+                  'early_stopping_patience', 'gradient_accumulation_steps', 'mixed_precision', 'group_by_length', 'train_seed',
                   'cache_dir', 'progress_bars', 'report_to', 'log_dir', 'run_name', 'work_dir')
 FINE_TUNE_READS = ('fine_tune_epochs', 'fine_tune_lr')
 # Not read by a step but by the Trainer from the launch: the processes that train together (the effective batch).

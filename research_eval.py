@@ -16,7 +16,8 @@ import torch
 from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support,
                              roc_auc_score)
 
-from research_data import batches_of, tokenized_splits
+from research_batching import in_text_order, length_sorted_batches
+from research_data import tokenized_splits
 from research_files import write_json_atomically
 from research_inference import OnnxClassifier, TorchClassifier, export_to_onnx, load_compressed_model, sigmoid
 from research_latency import (MIN_CYCLES, WEIGHT_FILE_SUFFIXES, compressed_size_mb, cycle_ratio, intra_op_threads,
@@ -52,12 +53,13 @@ def quality_metrics(y_true: np.ndarray, probs: np.ndarray, label_names: Sequence
 
 
 def predict_probabilities(classifier, dataset, batch_size: int = 64):
-    """(labels, probabilities) of a classifier from `research_inference` on a tokenized split."""
+    """(labels, probabilities) of a classifier from `research_inference` on a tokenized split, in the split's
+    row order (batches are sorted by length, so each pads to nearly its own texts' length)."""
     labels, probs = [], []
-    for batch in batches_of(dataset, classifier.tokenizer, batch_size):
-        labels.append(batch.pop('labels').numpy())
-        probs.append(sigmoid(classifier.logits(batch)))
-    return np.concatenate(labels), np.concatenate(probs)
+    for rows, batch in length_sorted_batches(dataset, classifier.tokenizer, batch_size):
+        labels.append((rows, batch.pop('labels').numpy()))
+        probs.append((rows, sigmoid(classifier.logits(batch))))
+    return in_text_order(labels, len(dataset)), in_text_order(probs, len(dataset))
 
 
 def macro_f1_of_model(model, tokenizer, dataset, label_names: Sequence[str], max_length: int, threshold: float) -> float:

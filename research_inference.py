@@ -4,7 +4,8 @@
     model = load_compressed_model('compressed_models/stages/quant')
     model.predict(['...'])  # -> [{'bully': 0.91, 'sexual': 0.02, ...}]
 
-CLI: python research_inference.py MODEL_DIR "text" ["text" ...]
+CLI (research_scoring): python research_inference.py predict MODEL_DIR "text" ["text" ...]   (or without `predict`)
+                       python research_inference.py score MODEL_DIR --input comments.csv --output predictions.csv
 
 This module owns every on-disk format of a stage model: `FORMATS` is one static table, name -> (save,
 load), and `compression_info.json` (written here only) names the format of a folder:
@@ -31,6 +32,7 @@ from research_errors import UsageError
 from research_files import atomic_write, file_is_whole
 from research_latency import onnxruntime_session_options
 from research_models import build_structurally_pruned_model, is_structurally_pruned, model_inputs
+from research_scoring import parse_inference_arguments, score_command
 
 INFO_FILE = 'compression_info.json'
 ONNX_FILE = 'model.onnx'
@@ -76,6 +78,10 @@ class CompressedClassifier:
     def parameter_arrays(self) -> Dict[str, np.ndarray]:
         """Every stored parameter as an array, keyed by the PyTorch parameter name where one is known."""
         raise NotImplementedError
+
+    def probabilities(self, batch: dict) -> np.ndarray:
+        """[batch, labels] sigmoid probabilities of a padded batch."""
+        return sigmoid(self.logits(batch))
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> List[Dict[str, float]]:
         if isinstance(texts, str):
@@ -441,26 +447,19 @@ def peak_memory_probe(model_dir: str, batch_size: int, seq_len: int, text: str) 
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    device = None
-    if len(argv) >= 2 and argv[0] == '--device':
-        device, argv = argv[1], argv[2:]
-    if len(argv) < 2 or argv[0] in ('-h', '--help'):
-        print('usage: python research_inference.py [--device cuda] MODEL_DIR "text" ["text" ...]\n'
-              'Prints one JSON object of label probabilities per text; labels at or above the threshold of the\n'
-              "folder's compression_info.json (per label where it stores `thresholds`, else the --threshold of the\n"
-              'run that saved it) are listed; an empty text gets no labels (a note says so).\n'
-              '--device puts a PyTorch model (fp32, pruned, fp16/bf16) on that device (default: CPU); ONNX\n'
-              'models (int8, int4) run on the CPU, bitsandbytes NF4/FP4 models on the GPU.')
-        return 0 if argv and argv[0] in ('-h', '--help') else 2
+    """`predict` (texts as arguments; the old form without the word too) or `score` (a file): research_scoring."""
     try:
-        model = load_compressed_model(argv[0], device=device)
+        args = parse_inference_arguments(argv)
+        if args.command == 'predict':
+            model = load_compressed_model(args.model_dir, device=args.device)
+            for text, probs in zip(args.texts, model.predict(args.texts)):
+                print(json.dumps(prediction_record(text, probs, model.labels_of(probs)), ensure_ascii=False))
+            return 0
+        read_info(args.model_dir)   # not a saved model: refused before the input is read
+        return score_command(args, lambda: load_compressed_model(args.model_dir, device=args.device))
     except UsageError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
-    for text, probs in zip(argv[1:], model.predict(argv[1:])):
-        print(json.dumps(prediction_record(text, probs, model.labels_of(probs)), ensure_ascii=False))
-    return 0
 
 
 def prediction_record(text: str, probs: Dict[str, float], labels: Sequence[str]) -> Dict:

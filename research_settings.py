@@ -172,6 +172,12 @@ class TrainingSettings:
     gradient_accumulation_steps: int = setting(1, 'Batches accumulated per optimizer step (1 = no accumulation).', low=1)
     mixed_precision: bool = setting(True, 'Disable bf16/fp16 mixed precision (without it, mixed precision is on when '
                                           'training on a CUDA GPU).')
+    # settings: length grouping
+    group_by_length: bool = setting(True, 'Plain random training batches instead of length-grouped ones (the default '
+                                          'for teacher, KD, fine-tuning after pruning and QAT: random mega-batches of 50 '
+                                          'batches sorted by length, seeded by the training seed and the epoch). '
+                                          'Evaluation batches are sorted by length either way, results in text order.',
+                                    on_flag=True)
 
 
 @dataclass(frozen=True)
