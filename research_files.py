@@ -139,6 +139,20 @@ def checksum_problems(folder: str, recorded: Dict[str, Dict]) -> List[str]:
     return problems
 
 
+def unrecorded_entries(folder: str, recorded: Dict[str, Dict], exclude: Tuple[str, ...] = ()) -> List[str]:
+    """What lies under `folder` that `recorded` does not list (a file, or a symbolic link, which a record never
+    lists): a record that omits a file would skip that file's check, so such an entry makes the folder
+    untrusted. Recorded names that point outside the folder ('..', absolute) are listed too."""
+    found = [name for name in recorded if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == '..']
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative not in exclude and relative not in recorded and (os.path.islink(path) or name in files):
+                found.append(relative)
+    return sorted(found)
+
+
 def folder_size(path: str) -> int:
     """Bytes of the files under `path` (symbolic links not followed)."""
     if os.path.isfile(path):

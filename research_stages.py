@@ -36,7 +36,7 @@ from filelock import FileLock, Timeout
 from transformers import set_seed
 
 from research_files import (checksum_problems, copy_file_unshared, folder_checksums, folder_size, owner_is_dead,
-                            owner_record, remove_abandoned_temporaries, remove_entry, temporary_path)
+                            owner_record, remove_abandoned_temporaries, remove_entry, temporary_path, unrecorded_entries)
 
 COMPLETE_MARKER = 'STAGE_COMPLETE'
 STAGE_FORMAT = 3  # bump when what a stored stage holds or how it is keyed changes, so older stores are not misread
@@ -197,10 +197,19 @@ class StageStore:
 
     def problem(self, kind: str, key: str) -> Optional[str]:
         """Why the stored stage cannot be trusted (None when it can): its record is unreadable or has no
-        checksums, or a file differs from its checksum."""
+        checksums, it names another stage (its kind and key must be this folder's, the requested ones), a file of
+        the folder is not in it (every file must be, or the unlisted one would go unchecked), or a file differs
+        from its checksum."""
         record = self.completion_record(kind, key)
         if not record or not isinstance(record.get('files'), dict) or META_FILE not in record['files']:
             return 'its completion record is unreadable or has no checksums (written by an older version?)'
+        if (record.get('kind'), record.get('key')) != (kind, key):
+            return (f"its completion record belongs to stage {record.get('kind')}-{record.get('key')}, not to this "
+                    'folder (copied from another stage?)')
+        unlisted = unrecorded_entries(self.path(kind, key), record['files'], exclude=(COMPLETE_MARKER,))
+        if unlisted:
+            return (f'{unlisted[0]} is not in its completion record' + (f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1
+                                                                      else '') + ', so its files cannot all be checked')
         problems = checksum_problems(self.path(kind, key), record['files'])
         return problems[0] + (f' (and {len(problems) - 1} more)' if len(problems) > 1 else '') if problems else None
 
