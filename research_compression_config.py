@@ -24,6 +24,7 @@ from research_errors import UsageError
 from research_files import folder_problem
 from research_kd import KD_METHODS
 from research_models import PRUNE_LAYER_GROUPS, folder_fingerprint
+from research_output_guard import refuse_empty_paths, refuse_overlap
 from research_pruning import PRUNE_METHODS, PRUNE_SCHEDULES
 from research_quantization import QUANT_DTYPES, QUANT_METHODS, resolve_quant_dtype
 from research_training import validate_trimming
@@ -444,8 +445,12 @@ def validate_arguments(args: argparse.Namespace) -> None:
     """Settings every run shares, the output and cache folders, the CSV's header and labels, then each
     requested pipeline's stages with that pipeline's settings (e.g. --max_length against the models' configs).
     The split-dependent checks (a label never positive in a split) follow in research_data.prepare_data."""
+    refuse_empty_paths(args)   # settings: run folders (an empty path would silently mean the working directory)
     duplicated = sorted({c for c in args.label_columns if args.label_columns.count(c) > 1})
+    repeated_seeds = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
     checks = [
+        (not repeated_seeds, f'--seeds repeats {", ".join(map(str, repeated_seeds))}: the same seed twice is the same '
+                             'run twice, reported as a repetition (a spread of 0). Give each seed once, e.g. 42,43,44.'),
         (0.0 < args.data_fraction <= 1.0, f'--data_fraction must be in (0, 1], got {args.data_fraction}.'),
         (0.0 < args.val_fraction < 0.5, f'--val_fraction must be in (0, 0.5), got {args.val_fraction}.'),
         (args.num_folds >= 1, f'--num_folds must be at least 1, got {args.num_folds}.'),
@@ -485,6 +490,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
         if problem:
             raise UsageError(f"{flag} '{folder}' {problem}. It must be a folder this tool can create or write "
                              f'({what}): choose another path with {flag}.')
+    refuse_overlap(args.output_dir, args.cache_dir, TOOL_OUTPUTS)   # settings: run folders (archive vs store)
     load_labeled_csv(args.dataset_path, args.text_column, args.label_columns)
     for pipeline in requested_pipelines(args):
         settings = pipeline_settings(args, pipeline, args.seeds[0])

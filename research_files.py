@@ -62,6 +62,26 @@ def owner_is_dead(record: Optional[Dict]) -> bool:
         return False
 
 
+def lock_holders(path: str) -> List[int]:
+    """The processes of this host other than this one that hold a flock on `path` (from /proc/locks; empty
+    where the platform cannot say)."""
+    try:
+        stat = os.stat(path)
+        with open('/proc/locks', encoding='ascii') as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    device = f'{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}'
+    pids = set()
+    for line in lines:
+        fields = line.split()
+        if '->' in fields:         # a waiter, not a holder
+            continue
+        if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[5] == device and fields[4].isdigit():
+            pids.add(int(fields[4]))
+    return sorted(pids - {os.getpid()})
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing aside, then renaming
 # ---------------------------------------------------------------------------------------------
