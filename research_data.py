@@ -20,7 +20,7 @@ import pandas as pd
 
 from research_distributed import main_process_first
 from research_errors import UsageError
-from research_files import checksum_problems, folder_checksums, remove_entry, temporary_path, write_json_atomically
+from research_files import checksum_problems, folder_checksums, remove_entry, write_json_atomically, written_aside
 
 TOKENIZATION_CACHE_PREFIX = 'tok_'
 CACHE_CHECKSUMS = 'checksums.json'   # sha256 of the files of a tokenization cache, written with it
@@ -36,6 +36,7 @@ class PreparedData:
     test_idx: np.ndarray
     fold: int
     stats: Dict[str, int] = field(default_factory=dict)
+    split: Dict = field(default_factory=dict)   # the settings that chose the split (num_folds, seed, fractions)
 
     @property
     def test_split_hash(self) -> str:
@@ -192,7 +193,8 @@ def prepare_data(dataset_path: str, text_column: str, label_columns: Sequence[st
           f'(fold {eval_fold} of {num_folds})')
     check_label_coverage(labels, list(label_columns), {'training': train_idx, 'validation': val_idx, 'test': test_idx},
                          eval_fold, num_folds)
-    return PreparedData(texts, labels, list(label_columns), train_idx, val_idx, test_idx, eval_fold, stats)
+    split = {'num_folds': num_folds, 'seed': seed, 'data_fraction': data_fraction, 'val_fraction': val_fraction}
+    return PreparedData(texts, labels, list(label_columns), train_idx, val_idx, test_idx, eval_fold, stats, split)
 
 
 def check_optimizer_steps(data: PreparedData, batch: int, processes: int, accumulation: int) -> None:
@@ -285,15 +287,13 @@ def tokenize_corpus(data: PreparedData, tokenizer, max_length: int, cache_dir: O
     corpus = corpus.select_columns(keep)
     if path:
         # Written aside with the checksums of its files, then renamed: a cache is complete or absent.
-        tmp = temporary_path(path)
-        corpus.save_to_disk(tmp)
-        write_json_atomically(os.path.join(tmp, CACHE_CHECKSUMS), folder_checksums(tmp))
         try:
-            os.replace(tmp, path)
+            with written_aside(path) as tmp:
+                corpus.save_to_disk(tmp)
+                write_json_atomically(os.path.join(tmp, CACHE_CHECKSUMS), folder_checksums(tmp))
         except OSError:
             if not os.path.isdir(path):
-                raise
-            remove_entry(tmp)             # another run wrote the same cache meanwhile
+                raise                     # (else another run wrote the same cache meanwhile; ours was removed)
         corpus = datasets.load_from_disk(path)
     return corpus
 

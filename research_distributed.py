@@ -91,6 +91,8 @@ def barrier() -> None:
         dist.barrier(group=_state['group'])
 
 
+# Not accelerate's broadcast_object_list: it uses the default (NCCL) group, whose timeout a main process that
+# waits for another run's lock or evaluates for long would trip; this goes through the long-timeout gloo group.
 def broadcast(value: Any = None) -> Any:
     """The main process's `value` (any picklable object), returned on every process."""
     if not is_distributed():
@@ -115,6 +117,8 @@ def in_all_processes() -> bool:
     return is_distributed() and _state['together']
 
 
+# Not PartialState().main_process_first(): it waits on the default group's timeout and synchronises everywhere,
+# where this waits on the long-timeout gloo group and only inside all_processes() (elsewhere the main runs alone).
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
     """Inside `all_processes()`: the main process runs the block first (e.g. builds a cache), the others run

@@ -6,6 +6,7 @@ symbolic link and never leaves a given folder.
 Nothing here knows about models, stages or runs; the stage store, the caches and the output folder use it.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from typing import Dict, List, Optional, Tuple
+from typing import IO, Dict, Iterator, List, Optional, Tuple
 
 TEMPORARY_TAG = '.tmp-'   # <final name>.tmp-<host>-<pid>: written aside, then renamed into place
 _TEMPORARY = re.compile(r'^(?P<final>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)$')
@@ -91,12 +92,34 @@ def temporary_path(path: str) -> str:
     return f'{path}{TEMPORARY_TAG}{this_host()}-{os.getpid()}'
 
 
-def write_json_atomically(path: str, payload) -> None:
-    """Write aside, then rename: an interrupted run never leaves a complete-looking, half-written file."""
+@contextlib.contextmanager
+def written_aside(path: str) -> Iterator[str]:
+    """The one way the tool writes a file or folder that must be complete or absent: the block writes the
+    temporary name this yields (temporary_path: the only temporary scheme, so cleanup knows one pattern),
+    which is renamed onto `path` when the block ends; if the block or the rename fails, it is removed."""
     tmp = temporary_path(path)
-    with open(tmp, 'w', encoding='utf-8') as fh:
-        json.dump(payload, fh, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            remove_entry(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'w', encoding: Optional[str] = 'utf-8') -> Iterator[IO]:
+    """open(path, mode) written aside and renamed into place on close (see written_aside); never writes
+    through an existing file at `path`, which may share its blocks with a copy."""
+    with written_aside(path) as tmp, open(tmp, mode, encoding=None if 'b' in mode else encoding) as fh:
+        yield fh
+
+
+def write_json_atomically(path: str, payload, **dump_options) -> None:
+    """Write aside, then rename: an interrupted run never leaves a complete-looking, half-written file."""
+    options = {'indent': 2, 'ensure_ascii': False, 'default': str, **dump_options}
+    with atomic_write(path) as fh:
+        json.dump(payload, fh, **options)
 
 
 def abandoned_temporary(name: str) -> bool:
@@ -123,12 +146,9 @@ def remove_abandoned_temporaries(folder: str) -> List[str]:
 # Checksums
 # ---------------------------------------------------------------------------------------------
 
-def sha256_of_file(path: str, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_of_file(path: str) -> str:
     with open(path, 'rb') as fh:
-        for block in iter(lambda: fh.read(chunk), b''):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, 'sha256').hexdigest()
 
 
 def folder_checksums(folder: str, exclude: Tuple[str, ...] = ()) -> Dict[str, Dict]:

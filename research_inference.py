@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from research_errors import UsageError
+from research_files import atomic_write
 from research_latency import onnxruntime_session_options
 from research_models import build_structurally_pruned_model, is_structurally_pruned, model_inputs
 
@@ -183,10 +184,8 @@ def read_info(model_dir: str) -> dict:
 
 def _write_info(model_dir: str, info: dict) -> None:
     """compression_info.json: written aside and renamed (never through an existing file, which may be shared)."""
-    tmp = os.path.join(model_dir, INFO_FILE + '.tmp')
-    with open(tmp, 'w', encoding='utf-8') as fh:
+    with atomic_write(os.path.join(model_dir, INFO_FILE)) as fh:
         json.dump(info, fh, indent=2)
-    os.replace(tmp, os.path.join(model_dir, INFO_FILE))
 
 
 def set_threshold(model_dir: str, threshold: float) -> None:

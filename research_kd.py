@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from research_data import batches_of, tokenized_splits, tokenizer_fingerprint
 from research_distributed import main_process_first
 from research_errors import UsageError
-from research_files import remove_entry, temporary_path
+from research_files import atomic_write, remove_entry
 from research_inference import load_trainable_model, save_hf
 from research_model_folders import check_model_folder
 from research_models import (check_model_source, configured_depth, linear_weight_roles, load_encoder_for_classification,
@@ -116,7 +117,8 @@ class FeatureMatch:
 
 
 # ---------------------------------------------------------------------------------------------
-# --kd_method registry: name -> matches(layer_pairs, hidden_loss_weight, attention_loss_weight)
+# --kd_method registry: name -> matches(layer_pairs, weights), `weights` anything with the loss weights as
+# attributes (the settings): each method reads only its own weights, so only those are part of a KD stage's identity
 # ---------------------------------------------------------------------------------------------
 
 def _matches_for(feature: str, layer_pairs: Sequence[Tuple[int, int]], weight: float) -> List[FeatureMatch]:
@@ -125,27 +127,28 @@ def _matches_for(feature: str, layer_pairs: Sequence[Tuple[int, int]], weight: f
     return [FeatureMatch(feature, s, t, loss, weight / len(layer_pairs)) for s, t in layer_pairs]
 
 
-def logit_matches(layer_pairs, hidden_loss_weight: float, attention_loss_weight: float) -> List[FeatureMatch]:
+def logit_matches(layer_pairs, weights) -> List[FeatureMatch]:
     """`logit` (Hinton et al. 2015): soft targets only, no intermediate term (teacher logits cached on disk)."""
     return []
 
 
-def hidden_matches(layer_pairs, hidden_loss_weight: float, attention_loss_weight: float) -> List[FeatureMatch]:
+def hidden_matches(layer_pairs, weights) -> List[FeatureMatch]:
     """`hidden` (TinyBERT): logit KD + hidden_loss_weight * mean_l MSE(W h_S(l), h_T(m(l)))."""
-    return _matches_for('hidden', layer_pairs, hidden_loss_weight)
+    return _matches_for('hidden', layer_pairs, weights.hidden_loss_weight)
 
 
-def attention_matches(layer_pairs, hidden_loss_weight: float, attention_loss_weight: float) -> List[FeatureMatch]:
+def attention_matches(layer_pairs, weights) -> List[FeatureMatch]:
     """`attention` (TinyBERT's attention transfer, MiniLM's KL form): logit KD + attention_loss_weight *
     mean_l KL(A_T(m(l)) || A_S(l)) on head-averaged maps."""
-    return _matches_for('attention', layer_pairs, attention_loss_weight)
+    return _matches_for('attention', layer_pairs, weights.attention_loss_weight)
 
 
-def multi_level_matches(layer_pairs, hidden_loss_weight: float, attention_loss_weight: float) -> List[FeatureMatch]:
+def multi_level_matches(layer_pairs, weights) -> List[FeatureMatch]:
     """`multi_level`: logit + hidden + attention terms, each with its weight."""
-    return (hidden_matches(layer_pairs, hidden_loss_weight, attention_loss_weight)
-            + attention_matches(layer_pairs, hidden_loss_weight, attention_loss_weight))
+    return hidden_matches(layer_pairs, weights) + attention_matches(layer_pairs, weights)
 
+
+UNIT_WEIGHTS = SimpleNamespace(hidden_loss_weight=1.0, attention_loss_weight=1.0)   # which features a method uses
 
 # --kd_method name -> function giving the intermediate-layer matches added to the logit term
 KD_METHODS: Dict[str, Callable] = {
@@ -158,7 +161,7 @@ KD_METHODS: Dict[str, Callable] = {
 
 def method_features(kd_method: str) -> set:
     """The intermediate features a method compares (empty for `logit`)."""
-    return {m.feature for m in KD_METHODS[kd_method]([(0, 0)], 1.0, 1.0)}
+    return {m.feature for m in KD_METHODS[kd_method]([(0, 0)], UNIT_WEIGHTS)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,10 +236,14 @@ def parse_student_layers(value: str):
     """'3' -> 3 (count, chosen uniformly); '0,2,5' -> [0, 2, 5] (explicit teacher layer indices)."""
     try:
         if ',' in value:
-            return [int(v) for v in value.split(',') if v.strip()]
+            layers = [int(v) for v in value.split(',') if v.strip()]
+            if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+                raise ValueError(value)
+            return layers
         count = int(value)
     except ValueError:
-        raise UsageError(f"--student_layers must be a number ('3') or a list of teacher layers ('0,2,5'), got '{value}'.")
+        raise UsageError(f"--student_layers must be a number ('3') or a list of distinct 0-based teacher layers "
+                         f"('0,2,5'), got '{value}'.")
     if count < 1:
         raise UsageError(f'--student_layers must be at least 1, got {count}.')
     return count
@@ -358,10 +365,8 @@ def cached_teacher_logits(teacher, teacher_tokenizer, teacher_train_dataset, dat
     logits = teacher_logits_on(teacher, teacher_tokenizer, teacher_train_dataset)
     if path:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = temporary_path(path)
-        with open(tmp, 'wb') as fh:
+        with atomic_write(path, 'wb') as fh:
             np.save(fh, logits)
-        os.replace(tmp, path)
         print(f'[kd] teacher logits computed once and cached in {path}')
     return logits, False
 
@@ -618,7 +623,7 @@ def distillation_plan(args, student, teacher, student_tokenizer, teacher_tokeniz
     if not features:
         return [], aligned
     pairs = resolve_layer_pairs(args.kd_layer_map, student, teacher)
-    matches = KD_METHODS[args.kd_method](pairs, args.hidden_loss_weight, args.attention_loss_weight)
+    matches = KD_METHODS[args.kd_method](pairs, args)
     print(f'[kd] {args.kd_method}: student:teacher layers {", ".join(f"{s}:{t}" for s, t in pairs)}'
           + ('' if aligned else '; different tokenizers: hidden states compared on the first ([CLS]) token only'))
     return matches, aligned

@@ -14,10 +14,15 @@ trains is trained by all processes together (the Trainer's DDP), one that does n
 while the others wait; then all continue from the main process's stored stage.
 """
 
-import contextlib
-import copy
-import os
 import sys
+
+from research_settings import exit_if_help
+
+if __name__ == '__main__':
+    exit_if_help(sys.argv[1:])   # --help before torch and transformers load (they take seconds to import)
+
+import contextlib   # (the imports below come after the --help shortcut on purpose)
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 from transformers import set_seed
 from transformers.utils import logging as transformers_logging
 
+from research_cache_upkeep import cache_report, prune_cache
 from research_compression_config import (PIPELINE_CONFIGS, STAGES, parse_compression_arguments, pipeline_settings,
                                          print_compression_config, requested_pipelines, save_config, stage_identity,
                                          store_maintenance)
@@ -34,12 +40,12 @@ from research_distributed import (all_processes, broadcast, finish, is_distribut
                                   start)
 from research_errors import UsageError
 from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, peak_memory_of_stages
-from research_files import remove_abandoned_temporaries
+from research_files import remove_abandoned_temporaries, write_json_atomically
 from research_output_guard import hold_output_folder, release_output_folder
-from research_report import (CONFIG_JSON, RUN_LOG, STAGE_LOG, cache_report, captured_output, export_stage_models,
-                             final_stage_row, format_stage_table, prepare_output_dir, prune_cache, run_log,
-                             show_progress_bars, summarize_runs, write_json_atomically, write_pipeline_results,
-                             write_plots, write_summary)
+from research_output import CONFIG_JSON, RUN_LOG, STAGE_LOG, captured_output, prepare_output_dir, run_log, show_progress_bars
+from research_plots import write_plots
+from research_results import (export_stage_models, final_stage_row, format_stage_table, summarize_runs,
+                              write_pipeline_results, write_summary)
 from research_stages import WORK_DIR, StageNode, StageStore, release_stage_uses, stage_key
 from research_training import resumable_checkpoint
 
@@ -67,11 +73,10 @@ def with_log_folder(settings, kind: str, key: str, work_dir: Optional[str] = Non
     """A stage's settings plus where its training logs go (--report_to): <output_dir>/logs/<stage>-<key>/, outside
     the stage store, whose work folders are removed; and where its Trainer checkpoints go (the stage folder's
     `work/` in the store, the same for every process); neither is part of the stage's identity."""
-    named = copy.copy(settings)
-    named.log_dir = os.path.join(settings.output_dir, 'logs', f'{STAGES[kind].name}-{key}')
-    named.run_name = f'{os.path.basename(os.path.abspath(settings.output_dir))}/{STAGES[kind].name}-{key}'
-    named.work_dir = work_dir
-    return named
+    return settings.replace(
+        log_dir=os.path.join(settings.output_dir, 'logs', f'{STAGES[kind].name}-{key}'),
+        run_name=f'{os.path.basename(os.path.abspath(settings.output_dir))}/{STAGES[kind].name}-{key}',
+        work_dir=work_dir)
 
 
 def get_or_run_together(store: StageStore, kind: str, key: str, produce, seed: int, where: str, identity: Dict,
@@ -169,11 +174,11 @@ def run_plan(args, pipelines: List[str], folds: Dict[int, object]) -> Tuple[List
         remove_abandoned_temporaries(args.cache_dir)
     runs = []
     for fold, data in folds.items():
-        for seed in args.seeds:
+        for seed in args.train_seeds:
             first_event = len(store.events)
             settings = {p: pipeline_settings(args, p, seed) for p in pipelines}
             store.plan(key for p in pipelines for _, key in stage_keys(p, data, settings[p]))
-            label = f', fold {fold + 1}/{len(folds)}, seed {seed}' if len(folds) * len(args.seeds) > 1 else ''
+            label = f', fold {fold + 1}/{len(folds)}, seed {seed}' if len(folds) * len(args.train_seeds) > 1 else ''
             nodes = {p: run_chain(store, p, data, settings[p], label) for p in pipelines}
             if not is_main_process():
                 continue                           # measuring and writing are the main process's

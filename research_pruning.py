@@ -29,7 +29,7 @@ from research_eval import macro_f1_of_model
 from research_inference import load_trainable_model, save_hf
 from research_models import (PRUNE_LAYER_GROUPS, EncoderLayer, encoder_layers, is_structurally_pruned,
                              linear_weight_roles, model_inputs, select_linear_layers, shrink_encoder)
-from research_training import stage_info, train_classifier, training_pos_weight, trim_vocabulary_if_asked, work_folder
+from research_training import SELECTION_THRESHOLD, stage_info, train_classifier, training_pos_weight, trim_vocabulary_if_asked, work_folder
 
 
 def collect_input_norms(model: nn.Module, layers: Dict[str, nn.Linear], batches: Sequence[dict]) -> Dict[str, torch.Tensor]:
@@ -379,19 +379,19 @@ def weight_counts(model: nn.Module, group: str) -> Dict[str, int]:
             'total': sum(p.numel() for p in model.parameters())}
 
 
-def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: str):
+def prune_and_fine_tune(model, tokenizer, splits, pos_weight, args, work_dir: str, data_seed: int):
     """Prune with `--prune_method`, fine-tune (masks held, so pruned weights stay zero; gradual pruning
     happens during this fine-tuning), make the masks permanent. Returns the model and a report: macro-F1 on
     the validation split before pruning, right after pruning (one-shot methods) and after fine-tuning;
     sparsity of the selected layers; and, for every method, the fraction of stored weights removed."""
     def validation_f1(m):
-        return macro_f1_of_model(m, tokenizer, splits.val, args.label_columns, args.max_length, args.threshold)
+        return macro_f1_of_model(m, tokenizer, splits.val, args.label_columns, args.max_length, SELECTION_THRESHOLD)
     before = weight_counts(model, args.prune_layers)
     report = {'prune_method': args.prune_method, 'prune_layers': args.prune_layers,
               'prune_sparsity_target': args.prune_sparsity, 'f1_macro_split': 'validation',
               'f1_macro_before_pruning': validation_f1(model)}
     needs_calibration = args.prune_method in ('wanda', 'structured')
-    batches = calibration_batches(splits.train, tokenizer, args.calibration_samples, args.batch, args.seed) \
+    batches = calibration_batches(splits.train, tokenizer, args.calibration_samples, args.batch, data_seed) \
         if needs_calibration else None
     model, callbacks = PRUNE_METHODS[args.prune_method](model, args, batches)
     if callbacks:  # gradual: pruning happens while fine-tuning, there is no "right after pruning" model
@@ -439,7 +439,7 @@ def step(parent, data, settings, out_dir: str) -> Dict:
     model, tokenizer, trim_report = trim_vocabulary_if_asked(model, tokenizer, data, settings)
     splits = tokenized_splits(data, tokenizer, settings.max_length, settings.cache_dir)
     model, report = prune_and_fine_tune(model, tokenizer, splits, training_pos_weight(data), settings,
-                                        work_folder(settings, out_dir))
+                                        work_folder(settings, out_dir), data.split['seed'])
     save_hf(out_dir, model, tokenizer, stage_info(settings, 'prune', data))
     return {'linear_roles': linear_weight_roles(model), 'prune_layers': settings.prune_layers,
             'report': {**trim_report, **report}}

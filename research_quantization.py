@@ -323,9 +323,9 @@ HALF_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
 def convert_to_half_precision(model, tokenizer, model_dir: str, args, data: QuantizationData) -> dict:
     """Half precision: every floating-point weight stored as fp16 (or bf16 with --quant_dtype bf16) in
     safetensors; the model runs in that precision (PyTorch) on the device it is loaded on."""
-    half = copy.deepcopy(model).to(HALF_DTYPES[args.quant_dtype])
-    return save_hf(model_dir, half, tokenizer, data.info | {'quant_method': 'fp16', 'weight_dtype': args.quant_dtype,
-                                                'compute_dtype': args.quant_dtype, 'backend': 'pytorch'})
+    half = copy.deepcopy(model).to(HALF_DTYPES[args.quant_dtype_resolved])
+    return save_hf(model_dir, half, tokenizer, data.info | {'quant_method': 'fp16', 'weight_dtype': args.quant_dtype_resolved,
+                                                'compute_dtype': args.quant_dtype_resolved, 'backend': 'pytorch'})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,9 +373,9 @@ def quantize_4bit_bitsandbytes(model, tokenizer, model_dir: str, args, data: Qua
     (blocks of 64) onto the 16 NF4/FP4 levels (both hold an exact 0); compute in bf16/fp16 on the GPU.
     Saved with `save_pretrained` (safetensors holding the packed 4-bit weights and their statistics)."""
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
-    check_bitsandbytes_available(args.quant_dtype)
+    check_bitsandbytes_available(args.quant_dtype_resolved)
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quant_dtype, bnb_4bit_compute_dtype=compute,
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quant_dtype_resolved, bnb_4bit_compute_dtype=compute,
                                 llm_int8_skip_modules=list(HEAD_MODULES))
     with tempfile.TemporaryDirectory() as fp32_dir:
         model.save_pretrained(fp32_dir, safe_serialization=True)
@@ -383,7 +383,7 @@ def quantize_4bit_bitsandbytes(model, tokenizer, model_dir: str, args, data: Qua
         # 16-bit compute dtype, as QLoRA does; in fp32 the embedding table alone would be 47 MB of MiniLM's file.
         quantized = AutoModelForSequenceClassification.from_pretrained(fp32_dir, quantization_config=config, dtype=compute,
                                                                        device_map={'': torch.cuda.current_device()})
-    return save_bnb4(model_dir, quantized, tokenizer, data.info | {'quant_method': 'int4', 'weight_dtype': args.quant_dtype,
+    return save_bnb4(model_dir, quantized, tokenizer, data.info | {'quant_method': 'int4', 'weight_dtype': args.quant_dtype_resolved,
                                                        'compute_dtype': str(compute).replace('torch.', ''),
                                                        'backend': 'bitsandbytes (CUDA)'})
 
@@ -399,7 +399,7 @@ INT4_BACKENDS = {
 def quantize_weights_4bit(model, tokenizer, model_dir: str, args, data: QuantizationData) -> dict:
     """4-bit weights with the backend of `--quant_dtype`: int4 -> ONNX Runtime (CPU), nf4/fp4 ->
     bitsandbytes (CUDA). Never falls back to another precision."""
-    return INT4_BACKENDS[args.quant_dtype](model, tokenizer, model_dir, args, data)
+    return INT4_BACKENDS[args.quant_dtype_resolved](model, tokenizer, model_dir, args, data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,10 +37,11 @@ from filelock import FileLock, Timeout
 from transformers import set_seed
 
 from research_files import (checksum_problems, copy_file_unshared, folder_checksums, folder_size, lock_holders,
-                            owner_is_dead, owner_record, remove_abandoned_temporaries, remove_entry, temporary_path, unrecorded_entries)
+                            owner_is_dead, owner_record, remove_abandoned_temporaries, remove_entry, unrecorded_entries,
+                            write_json_atomically)
 
 COMPLETE_MARKER = 'STAGE_COMPLETE'
-STAGE_FORMAT = 3  # bump when what a stored stage holds or how it is keyed changes, so older stores are not misread
+STAGE_FORMAT = 4  # bump when what a stored stage holds or how it is keyed changes, so older stores are not misread
 META_FILE = 'stage_meta.json'
 WORK_DIR = 'work'  # scratch space of a stage being produced (Trainer checkpoints), removed on completion
 LOCK_FOLDER = '.locks'   # <root>/.locks/<kind>-<key>.lock: beside, never inside, the stage folders
@@ -343,11 +344,7 @@ class StageStore:
             json.dump(meta, fh, indent=2, default=str)
         record = {'format': STAGE_FORMAT, 'kind': kind, 'key': key, 'completed': time.time(), 'seconds': seconds,
                   **owner_record(), 'settings': identity or {}, 'files': folder_checksums(path, exclude=(COMPLETE_MARKER,))}
-        marker = os.path.join(path, COMPLETE_MARKER)
-        tmp = temporary_path(marker)
-        with open(tmp, 'w', encoding='utf-8') as fh:
-            json.dump(record, fh, indent=1, default=str)
-        os.replace(tmp, marker)
+        write_json_atomically(os.path.join(path, COMPLETE_MARKER), record, indent=1, ensure_ascii=True)
         return StageNode(kind, key, path, meta, reused=False)
 
     def plan(self, keys: Iterable[str]) -> None:

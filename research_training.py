@@ -71,6 +71,12 @@ class TrainingProgressCallback(ProgressCallback):
             transformers_logging.enable_progress_bar()
 
 
+# Training picks its best epoch (and pruning reports validation F1) at the design note's 0.5, whatever --threshold
+# says: decision thresholds are chosen after training, per run, so a threshold sweep reuses the trained stages and
+# a stage's identity needs no threshold.
+SELECTION_THRESHOLD = 0.5
+
+
 def make_validation_metrics(label_names: Sequence[str], threshold: float):
     def compute_metrics(eval_pred):
         logits = eval_pred.predictions
@@ -109,7 +115,8 @@ def check_report_to(names: Sequence[str]) -> None:
 def make_training_arguments(settings, output_dir: str, epochs: float, learning_rate: float, **overrides) -> TrainingArguments:
     """TrainingArguments from the run's settings: one checkpoint per epoch, best validation macro-F1 kept."""
     cuda = torch.cuda.is_available()
-    use_bf16 = cuda and settings.mixed_precision and torch.cuda.is_bf16_supported()
+    mixed = settings.mixed_precision and cuda   # read on every machine: it is part of a training stage's identity
+    use_bf16 = mixed and torch.cuda.is_bf16_supported()
     arguments = dict(
         output_dir=output_dir,
         num_train_epochs=epochs,
@@ -132,11 +139,11 @@ def make_training_arguments(settings, output_dir: str, epochs: float, learning_r
         label_names=['labels'],
         seed=settings.train_seed,
         data_seed=settings.train_seed,
-        fp16=cuda and settings.mixed_precision and not use_bf16,
+        fp16=mixed and not use_bf16,
         bf16=use_bf16,
         use_cpu=not cuda,
-        report_to=list(getattr(settings, 'report_to', None) or ['none']),
-        run_name=getattr(settings, 'run_name', None),
+        report_to=list(settings.report_to),
+        run_name=settings.run_name,
         dataloader_num_workers=0,
         disable_tqdm=not settings.progress_bars,
     )
@@ -159,14 +166,14 @@ def make_trainer(model, tokenizer, train_dataset, val_dataset, pos_weight, setti
         train_dataset=train_dataset,
         eval_dataset=val_dataset,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=make_validation_metrics(settings.label_columns, settings.threshold),
+        compute_metrics=make_validation_metrics(settings.label_columns, SELECTION_THRESHOLD),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience), *callbacks],
         pos_weight=pos_weight,
         **trainer_kwargs,
     )
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(TrainingProgressCallback)
-    log_dir = getattr(settings, 'log_dir', None)
+    log_dir = settings.log_dir
     for callback in trainer.callback_handler.callbacks:
         if log_dir and isinstance(callback, TensorBoardCallback):
             callback.logging_dir = log_dir   # transformers 5 has no TrainingArguments.logging_dir
@@ -180,9 +187,11 @@ OPTIMIZER_FILE = 'optimizer.pt'
 def work_folder(settings, out_dir: str) -> str:
     """Where a stage's Trainer keeps its checkpoints: `settings.work_dir` when the run sets it (the stage
     folder's `work/` in the store, shared by every process of a data-parallel run), else `<out_dir>/work`."""
-    return getattr(settings, 'work_dir', None) or os.path.join(out_dir, 'work')
+    return settings.work_dir or os.path.join(out_dir, 'work')
 
 
+# Not transformers' get_last_checkpoint: (5.x) it returns the highest-numbered checkpoint folder even when it is
+# incomplete (killed while saving), where this falls back to the newest complete one.
 def resumable_checkpoint(work_dir: str) -> Optional[str]:
     """The newest complete Trainer checkpoint in `work_dir` (its trainer_state.json, written last, and the
     optimizer's state exist), or None. An interrupted attempt of this very stage left it: the store keeps the
@@ -268,13 +277,13 @@ def trim_vocabulary_if_asked(model, tokenizer, data, settings):
 
 def stage_info(settings, stage: str, data) -> Dict:
     return {'stage': stage, 'label_names': list(settings.label_columns), 'max_length': settings.max_length,
-            'threshold': settings.threshold, 'split': split_record(settings, data)}
+            'threshold': SELECTION_THRESHOLD, 'split': split_record(settings, data)}
 
 
 def split_record(settings, data) -> Dict:
     """What identifies the data a model was trained on, so a later run can refuse a leaking teacher."""
     return {'data_content_hash': data.content_hash(), 'test_split_hash': data.test_split_hash, 'fold': data.fold,
-            'num_folds': settings.num_folds, 'seed': settings.seed, 'data_fraction': settings.data_fraction}
+            'num_folds': data.split['num_folds'], 'seed': data.split['seed'], 'data_fraction': data.split['data_fraction']}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,8 +320,8 @@ def check_teacher_split(settings, data) -> None:
         raise UsageError(
             f"--teacher_checkpoint '{settings.teacher_checkpoint}' was fine-tuned by this tool with a different split "
             f"(data_fraction={trained_on['data_fraction']}, num_folds={trained_on['num_folds']}, fold={trained_on['fold']}, "
-            f"seed={trained_on['seed']}) than this run (data_fraction={settings.data_fraction}, num_folds={settings.num_folds}, "
-            f"fold={data.fold}, seed={settings.seed}), so it has seen some of this run's test texts. Use the same "
+            f"seed={trained_on['seed']}) than this run (data_fraction={data.split['data_fraction']}, "
+            f"num_folds={data.split['num_folds']}, fold={data.fold}, seed={data.split['seed']}), so it has seen some of this run's test texts. Use the same "
             'data settings, or pass --allow_teacher_split_mismatch if you know the data are unrelated.')
 
 

@@ -14,7 +14,6 @@ then measured together, in interleaved rounds with one intra-op thread in every 
 """
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -83,8 +82,7 @@ def pareto_best(rows, keys):
 
 def measure_latencies(folders, teacher_name, data, settings, batch_size, rounds):
     from research_eval import measure_side_by_side
-    settings = copy.copy(settings)
-    settings.latency_batch_size, settings.latency_runs = batch_size, rounds
+    settings = settings.replace(latency_batch_size=batch_size, latency_runs=rounds)
     return measure_side_by_side(folders, teacher_name, data, settings)
 
 

@@ -149,8 +149,7 @@ def main(argv=None) -> int:
     assert not hit and hit_again
 
     for method in bench.methods.split(','):
-        args = tool_arguments(bench, method)
-        args.cache_dir = logit_cache
+        args = tool_arguments(bench, method).replace(cache_dir=logit_cache)
         run(method, lambda student, timer, args=args: distill_student(
             student, tokenizer, splits, teacher, tokenizer, splits, data, pos_weight, args,
             os.path.join(work, method), callbacks=[timer])[0])

@@ -72,14 +72,13 @@ def main():
     parser.add_argument('--rounds', type=int, default=30)
     parser.add_argument('--burners', type=int, default=2)
     bench = parser.parse_args()
+    from research_compression_config import settings_from_record
     from research_data import prepare_data
     with open(os.path.join(bench.run_dir, 'config.json'), encoding='utf-8') as fh:
         config = json.load(fh)
     with open(os.path.join(bench.run_dir, 'results_final.json'), encoding='utf-8') as fh:
         stages = json.load(fh)['stages']
-    settings = argparse.Namespace(**config)
-    settings.latency_runs, settings.latency_threads = bench.rounds, 1
-    settings.latency_noise_bound = getattr(settings, 'latency_noise_bound', 0.15)
+    settings = settings_from_record(config).replace(latency_runs=bench.rounds, latency_threads=1)
     data = prepare_data(settings.dataset_path, settings.text_column, settings.label_columns, settings.num_folds,
                         settings.eval_fold, settings.data_fraction, settings.val_fraction, settings.seed)
     folders = {'teacher' if i == 0 else s['stage']: s['model_dir'] for i, s in enumerate(stages)}

@@ -154,10 +154,10 @@ def main(argv=None) -> int:
     for method in bench.methods.split(','):
         for sparsity in [float(s) for s in bench.sparsities.split(',')]:
             row_started = time.time()
-            args.prune_method, args.prune_sparsity = method, sparsity
+            args = args.replace(prune_method=method, prune_sparsity=sparsity)
             set_seed(args.seed)
             model, report = prune_and_fine_tune(copy.deepcopy(teacher), tokenizer, splits, pos_weight, args,
-                                                os.path.join(bench.output_dir, 'work'))
+                                                os.path.join(bench.output_dir, 'work'), args.seed)
             model_dir = os.path.join(bench.output_dir, f'{method}_{int(round(sparsity * 100))}')
             save_hf(model_dir, model, tokenizer, info)
             saved = load_compressed_model(model_dir)

@@ -15,7 +15,6 @@ The split must be the one the teacher was trained with (same --data_fraction, --
 """
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -36,7 +35,7 @@ from research_eval import latency_batch, predict_probabilities, quality_metrics,
 from research_errors import UsageError  # noqa: E402
 from research_inference import OnnxClassifier, load_compressed_model, save_hf  # noqa: E402
 from research_models import load_fine_tuned_classifier  # noqa: E402
-from research_quantization import export_to_onnx, quantize_and_save  # noqa: E402
+from research_quantization import export_to_onnx, quantize_and_save, resolve_quant_dtype  # noqa: E402
 
 # row name -> (--quant_method, --quant_dtype); fp32 rows are built separately.
 QUANT_ROWS = {
@@ -128,8 +127,8 @@ def build_rows(bench, args, model, tokenizer, splits, pos_weight, work_dir):
     qat_train = splits.train.select(range(int(len(splits.train) * bench.qat_train_fraction)))
     for name in [r for r in bench.rows.split(',') if r]:
         method, dtype = QUANT_ROWS[name]
-        row_args = copy.copy(args)
-        row_args.quant_method, row_args.quant_dtype = method, dtype
+        row_args = args.replace(quant_method=method, quant_dtype=dtype,
+                                quant_dtype_resolved=resolve_quant_dtype(method, dtype))
         model_dir = os.path.join(work_dir, name.replace(' ', '_').replace('(', '').replace(')', '').replace('>', ''))
         train = qat_train if method == 'qat' else splits.train
         started = time.time()

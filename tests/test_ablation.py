@@ -119,7 +119,7 @@ def test_seeds_give_mean_and_std(tmp_path, teacher_checkpoint):
 
 
 def test_pareto_front():
-    from research_report import pareto_front
+    from research_plots import pareto_front
     cost = np.array([10.0, 5.0, 5.0, 1.0, 8.0])
     quality = np.array([0.9, 0.8, 0.7, 0.5, 0.85])
     assert pareto_front(cost, quality).tolist() == [3, 1, 4, 0]

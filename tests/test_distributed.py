@@ -100,12 +100,11 @@ def test_two_gpus_under_plain_python_are_refused_with_the_torchrun_line(tmp_path
 
 
 def test_under_a_launcher_the_identity_records_the_process_count(tmp_path, monkeypatch):
-    """Several processes train with a larger effective batch: another stage than a one-process run's (whose
-    keys stay what they were)."""
+    """Several processes train with a larger effective batch: another stage than a one-process run's."""
     from research_compression_config import parse_compression_arguments, stage_identity
     argv = fast_args(tmp_path / 'out', pipeline='kd_only', cache_dir=tmp_path / 'cache')
     single = parse_compression_arguments(argv)
-    assert single.data_parallel_processes == 1 and 'data_parallel_processes' not in stage_identity(single, 'kd')
+    assert single.data_parallel_processes == 1 and stage_identity(single, 'kd')['data_parallel_processes'] == 1
     monkeypatch.setenv('WORLD_SIZE', '2')
     double = parse_compression_arguments(argv)
     assert stage_identity(double, 'kd')['data_parallel_processes'] == 2

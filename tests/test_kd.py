@@ -481,11 +481,7 @@ def test_teacher_logit_cache_is_used_and_invalidated(tmp_path, data, teacher):
 
 
 def argparse_like(args, max_length, **changes):
-    changed = copy.copy(args)
-    changed.max_length = max_length
-    for key, value in changes.items():
-        setattr(changed, key, value)
-    return changed
+    return args.replace(max_length=max_length, **changes)
 
 
 # ---------------------------------------------------------------------------------------------

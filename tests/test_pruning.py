@@ -313,7 +313,8 @@ def test_fine_tuning_keeps_pruned_weights_zero(teacher, small_splits, tmp_path):
     expected_zero = {name: m.weight_mask == 0 for name, m in layers.items()}
     original = {name: m.weight_orig.detach().clone() for name, m in layers.items()}
     model, report = prune_and_fine_tune(fresh_model(teacher), teacher[1], tokenized,
-                                        positive_class_weights(data.labels[data.train_idx]), args, str(tmp_path / 'w'))
+                                        positive_class_weights(data.labels[data.train_idx]), args, str(tmp_path / 'w'),
+                                        data.split['seed'])
     moved = 0
     for name, module in select_linear_layers(model, 'encoder').items():
         assert not prune.is_pruned(module)  # masks folded into the weights before saving

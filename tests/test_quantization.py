@@ -88,10 +88,9 @@ def quantized(setup):
 
 def quantize_case(setup, name, method, dtype):
     """Quantize the setup's model with one method into <root>/<name>: (folder, info returned by the quantizer)."""
-    import copy
-    from research_quantization import quantize_and_save
-    args = copy.copy(setup['args'])
-    args.quant_method, args.quant_dtype = method, dtype
+    from research_quantization import quantize_and_save, resolve_quant_dtype
+    args = setup['args'].replace(quant_method=method, quant_dtype=dtype,
+                                 quant_dtype_resolved=resolve_quant_dtype(method, dtype))
     model_dir = str(setup['root'] / name)
     saved = quantize_and_save(setup['model'], setup['tokenizer'], model_dir, args, setup['splits'].train,
                               setup['splits'].val, setup['pos_weight'], setup['info'])

@@ -483,7 +483,7 @@ def test_two_concurrent_runs_of_a_sweep_train_the_shared_teacher_once(tmp_path, 
 
 def test_readme_and_help_name_every_output_the_archive_moves():
     from research_compression_config import TOOL_OUTPUTS, build_argument_parser
-    from research_report import CONFIG_JSON, RESULTS_CSV, RESULTS_JSON, RUN_LOG, STAGE_LOG
+    from research_output import CONFIG_JSON, RESULTS_CSV, RESULTS_JSON, RUN_LOG, STAGE_LOG
     assert {CONFIG_JSON, RESULTS_CSV, RESULTS_JSON, RUN_LOG, STAGE_LOG} <= set(TOOL_OUTPUTS)
     readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
     section = readme[readme.index('## The output folder'):readme.index('## The stage store')]
