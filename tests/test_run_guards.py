@@ -157,6 +157,7 @@ def test_pruning_the_cache_keeps_a_stage_a_live_run_uses(tmp_path):
 # One run per output folder; run.log after kill -9
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_output_folder_is_refused_and_the_log_of_a_killed_run_is_complete(
         tmp_path, capsys, tiny_teacher_dir):
     out = tmp_path / 'out'
