@@ -26,8 +26,9 @@ from research_errors import UsageError
 from research_files import folder_problem, write_json_atomically
 from research_models import folder_fingerprint
 from research_output_guard import refuse_empty_paths, refuse_overlap
+from research_pipelines import Pipeline
 from research_quantization import resolve_quant_dtype
-from research_settings import (FIELD_OWNER, LABEL_COLUMNS, PIPELINE_CONFIGS, TOOL_OUTPUTS, Pipeline, Settings,
+from research_settings import (FIELD_OWNER, LABEL_COLUMNS, PIPELINE_CONFIGS, TOOL_OUTPUTS, Settings,
                                build_argument_parser, changes_result, default_settings, out_of_range,
                                settings_from_namespace)
 from research_training import validate_trimming

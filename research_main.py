@@ -48,7 +48,8 @@ from research_plots import write_plots
 from research_search import run_search
 from research_results import (export_stage_models, final_stage_row, format_stage_table, summarize_runs,
                               write_pipeline_results, write_summary)
-from research_stages import WORK_DIR, StageNode, StageStore, release_stage_uses, stage_key
+from research_stage_locks import release_stage_uses
+from research_stages import WORK_DIR, StageNode, StageStore, stage_key
 from research_tokenizer_fit import report_tokenizer_fit, tokenizer_roles
 from research_stats import add_statistics
 from research_training import resumable_checkpoint

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Sequence
 
 from research_errors import UsageError
 from research_files import inside, owner_is_dead, remove_entry
-from research_stages import StageLock, describe_owner, read_lock_owner
+from research_stage_locks import StageLock, describe_owner, read_lock_owner
 
 OUTPUT_LOCK = '.research_run.lock'   # <output_dir>/.research_run.lock: held by the run writing there
 PATH_FLAGS = ('dataset_path', 'cache_dir', 'output_dir', 'teacher_path', 'teacher_checkpoint', 'student_path')

@@ -21,10 +21,11 @@ so a stage may read it without it being part of the stage's identity (research_c
 import argparse
 import dataclasses
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from research_options import add_group_arguments, declaration_problems, setting
+from research_pipelines import PIPELINE_CONFIGS   # the table's home is research_pipelines (stdlib only)
 
 LABEL_COLUMNS = ('bully', 'sexual', 'religious', 'threat', 'spam')
 
@@ -36,36 +37,6 @@ PRUNE_SCHEDULE_NAMES = ('linear', 'cubic', 'exponential')
 PRUNE_LAYER_GROUP_NAMES = ('encoder', 'attention', 'ffn', 'all')
 QUANT_METHOD_NAMES = ('dynamic', 'static', 'qat', 'fp16', 'int4')
 QUANT_DTYPE_NAMES = ('int8', 'int4', 'nf4', 'fp4', 'fp16', 'bf16')
-
-
-# ---------------------------------------------------------------------------------------------
-# Pipelines as data
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Pipeline:
-    """The stages a pipeline runs after the teacher, in order (always teacher -> kd -> prune -> quant), and
-    the settings it fixes whatever the command line says (e.g. a method)."""
-    stages: Tuple[str, ...]
-    description: str
-    overrides: Dict = field(default_factory=dict)
-
-    @property
-    def chain(self) -> Tuple[str, ...]:
-        return ('teacher',) + self.stages
-
-
-# The eight pipelines as data; the run, the ablation, the printer and the model card all read this table.
-PIPELINE_CONFIGS: Dict[str, Pipeline] = {
-    'baseline': Pipeline((), 'Evaluate the teacher only (no compression)'),
-    'kd_only': Pipeline(('kd',), 'KD only: teacher -> student'),
-    'prune_only': Pipeline(('prune',), 'Prune the teacher (then fine-tune)'),
-    'quant_only': Pipeline(('quant',), 'Quantize the teacher'),
-    'kd_prune': Pipeline(('kd', 'prune'), 'KD, then prune the student'),
-    'kd_quant': Pipeline(('kd', 'quant'), 'KD, then quantize the student'),
-    'prune_quant': Pipeline(('prune', 'quant'), 'Prune the teacher, then quantize it'),
-    'kd_prune_quant': Pipeline(('kd', 'prune', 'quant'), 'Full pipeline: KD -> prune student -> quantize'),
-}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -297,7 +297,7 @@ def test_gradient_clipping_covers_the_projections(tmp_path, data, teacher):
 # ---------------------------------------------------------------------------------------------
 
 def test_hidden_loss_excludes_padding():
-    from research_kd import hidden_mse_loss
+    from research_kd_losses import hidden_mse_loss
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
@@ -313,7 +313,7 @@ def test_hidden_loss_excludes_padding():
 
 def test_attention_loss_excludes_padding_and_compares_head_averaged_maps():
     from types import SimpleNamespace
-    from research_kd import attention_kl_loss, head_averaged_attention_of_layer
+    from research_kd_losses import attention_kl_loss, head_averaged_attention_of_layer
     torch.manual_seed(0)
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
 
@@ -339,7 +339,7 @@ def test_attention_loss_excludes_padding_and_compares_head_averaged_maps():
 
 def test_layer_map_default_override_and_errors(teacher):
     from research_errors import UsageError
-    from research_kd import default_layer_pairs, parse_layer_map, resolve_layer_pairs
+    from research_kd_losses import default_layer_pairs, parse_layer_map, resolve_layer_pairs
     teacher_model, teacher_tokenizer = teacher
     assert default_layer_pairs(2, 4) == [(0, 1), (1, 3)]                  # TinyBERT uniform, top layer kept
     assert default_layer_pairs(3, 6) == [(0, 1), (1, 3), (2, 5)]

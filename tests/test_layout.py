@@ -48,7 +48,8 @@ def test_modules_form_a_graph_without_cycles_and_import_at_module_level():
         visit(module, [])
     assert sum(len(v) for v in nested.values()) <= 4, nested
     # the store knows no domain module (a full disk is recognised by research_faults, which knows none either)
-    assert graph['research_stages'] <= {'research_errors', 'research_files', 'research_faults'}
+    assert graph['research_stages'] <= {'research_errors', 'research_files', 'research_faults', 'research_stage_locks'}
+    assert graph['research_stage_locks'] <= {'research_files'}                  # the store's locks
     assert graph['research_faults'] <= {'research_errors', 'research_files'}
     assert graph['research_files'] == set()                                   # file integrity: a leaf
 
@@ -56,7 +57,7 @@ def test_modules_form_a_graph_without_cycles_and_import_at_module_level():
 def test_pipeline_names_appear_only_in_the_configuration():
     names = ['kd_prune_quant', 'prune_quant', 'kd_quant', 'quant_only', 'prune_only', 'kd_only']
     for path in glob.glob(os.path.join(ROOT, 'research_*.py')):
-        if path.endswith('research_settings.py'):   # PIPELINE_CONFIGS, the table's home
+        if path.endswith('research_pipelines.py'):   # PIPELINE_CONFIGS, the table's home
             continue
         text = open(path, encoding='utf-8').read()
         assert not [n for n in names if f"'{n}'" in text], path

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from conftest import ROOT, fast_args, run_cli
-from research_stages import StageStore, release_stage_uses
+from research_stage_locks import release_stage_uses
+from research_stages import StageStore
 from test_bad_input import make_earlier_run, snapshot
 from test_store import writer
 
@@ -105,7 +106,8 @@ def test_accumulation_is_checked_against_the_batches_of_each_process(sample_data
 USER = '''
 import hashlib, os, sys, time
 sys.path.insert(0, {root!r})
-from research_stages import StageStore, release_stage_uses
+from research_stage_locks import release_stage_uses
+from research_stages import StageStore
 from test_store import writer
 node = StageStore(sys.argv[1]).get_or_run('teacher', 'ab' * 8, writer([]), seed=0)
 print('USING', flush=True)
