@@ -12,6 +12,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, metadata_load
 from research_compression_config import PIPELINE_CONFIGS, STAGES, TRAINING_READS, identity_fields, settings_from_record
 from research_inference import read_info
 from research_models import hub_model_id
+from research_stat_tables import card_statistics_lines
+from research_stats import with_interval
 
 
 # results key -> (metric type, its config, its name) of the model-index (Hugging Face eval results)
@@ -138,17 +140,23 @@ def model_card(model_dir: str, pipeline: str, result: Dict, config: Dict) -> str
              '## How it was made', '', f'Data: `{config.get("dataset_path")}` (max_length {config.get("max_length")}, '
              f'seed {config.get("seed")}).', '']
     lines += [f'- {k}: `{v}`' for k, v in settings.items() if v is not None]
-    lines += ['', '## Metrics (test split)', '', '| metric | value |', '|---|---|']
+    lines += ['', '## Metrics (test split)', ''] + card_statistics_lines(result) + ['', '| metric | value |', '|---|---|']
     for key in ('f1_macro', 'f1_micro', 'f1_weighted', 'exact_match', 'hamming_loss', 'roc_auc_macro', 'size_mb',
                 'size_mb_compressed', 'params_total', 'params_nonzero', 'sparsity_pruned_layers', 'sparsity_overall',
                 'vocab_size', 'latency_ms_p50', 'latency_ms_p95', 'compression_ratio', 'speedup', 'speedup_ci_low',
                 'speedup_ci_high', 'speedup_iqr'):
         value = result.get(key)
-        lines.append(f'| {key} | {value:.4g} |' if isinstance(value, float) else f'| {key} | {value} |')
-    lines += ['', '| label | precision | recall | F1 | ROC-AUC |', '|---|---|---|---|---|']
+        if f'{key}_ci_low' in result:
+            lines.append(f'| {key} | {with_interval(value, result[f"{key}_ci_low"], result[f"{key}_ci_high"])} |')
+        else:
+            lines.append(f'| {key} | {value:.4g} |' if isinstance(value, float) else f'| {key} | {value} |')
+    lines += ['', '| label | threshold | precision | recall | F1 [95% CI] | ROC-AUC |', '|---|---|---|---|---|---|']
+    thresholds = result.get('thresholds') or {}
     for label, m in result['per_label'].items():
         auc = '-' if m['roc_auc'] is None else f'{m["roc_auc"]:.3f}'
-        lines.append(f'| {label} | {m["precision"]:.3f} | {m["recall"]:.3f} | {m["f1"]:.3f} | {auc} |')
+        cut = f'{thresholds[label]:.3f}' if label in thresholds else '-'
+        f1 = with_interval(m['f1'], m.get('f1_ci_low'), m.get('f1_ci_high'), '.3f')
+        lines.append(f'| {label} | {cut} | {m["precision"]:.3f} | {m["recall"]:.3f} | {f1} | {auc} |')
     lines += ['', f'Latency: batch {result.get("latency_batch_size")} x {result.get("latency_seq_len")} tokens on '
               f'{result.get("latency_device")}.', '', '## Load it', '']
     lines += usage_snippet(model_dir, info)

@@ -43,7 +43,7 @@ TOOL_MARKER = 'research_compression'   # config.json of a run of this tool says 
 
 # Every step that trains reads these (research_training.training_arguments); the split is in the data key.
 TRAINING_READS = ('label_columns', 'max_length', 'batch', 'lr', 'warmup_ratio', 'weight_decay', 'gradient_clip_norm',
-                  'early_stopping_patience', 'gradient_accumulation_steps', 'mixed_precision', 'train_seed',
+                  'early_stopping_patience', 'gradient_accumulation_steps', 'mixed_precision', 'group_by_length', 'train_seed',
                   'cache_dir', 'progress_bars', 'report_to', 'log_dir', 'run_name', 'work_dir')
 FINE_TUNE_READS = ('fine_tune_epochs', 'fine_tune_lr')
 # Not read by a step but by the Trainer from the launch: the processes that train together (the effective batch).
@@ -205,6 +205,15 @@ def parse_compression_arguments(args_list: Optional[List[str]] = None) -> Settin
     return args
 
 
+# settings: statistics
+def validate_statistics(args: Settings) -> None:
+    """--bootstrap_resamples is 0 or at least 1000 (the other statistics settings are bounded where declared)."""
+    if 0 < args.bootstrap_resamples < 1000:
+        raise UsageError(f'--bootstrap_resamples must be 0 (no statistics) or at least 1000 (fewer make the 2.5 % tails '
+                         f'of a 95 % interval rest on a handful of resamples), got {args.bootstrap_resamples}. The '
+                         'default is 10000.')
+
+
 def validate_arguments(args: Settings) -> None:
     """Settings every run shares (each field's own range was checked from its declaration), the output and cache
     folders, the CSV's header and labels, then each requested pipeline's stages with that pipeline's settings
@@ -225,6 +234,8 @@ def validate_arguments(args: Settings) -> None:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    validate_statistics(args)
+    check_search_settings(args)
     for flag, folder, what in (('--output_dir', args.output_dir, 'results and models'),
                                ('--cache_dir', args.cache_dir, 'the stage store and caches')):
         problem = folder_problem(folder)
@@ -239,6 +250,25 @@ def validate_arguments(args: Settings) -> None:
         if 'kd' not in PIPELINE_CONFIGS[pipeline].chain and len(PIPELINE_CONFIGS[pipeline].chain) > 1:
             # without KD, --trim_vocab trims the teacher entering prune/quant (KD's validate checks its student)
             validate_trimming(settings, settings.teacher_checkpoint or settings.teacher_path)
+
+
+def check_search_settings(args: Settings) -> None:
+    """# settings: search. The numbers of --search (its space file and storage are read by research_search)."""
+    given = [f for f in ('budget_size_mb', 'budget_speedup', 'budget_latency_ms', 'search_space', 'search_storage')
+             if getattr(args, f) is not None]
+    if not args.search:
+        if given:
+            raise UsageError(f'--{given[0]} is a setting of --search; add --search, or drop it.')
+        return
+    if args.run_ablation:
+        raise UsageError('--search and --run_ablation are two ways of running: the search runs the eight pipelines '
+                         'as its first trials anyway. Drop one of them.')
+    # --search_trials >= 1 and budgets > 0 are checked from their declarations (research_settings.SearchSettings)
+    if len(args.train_seeds) > 1 or args.run_full_kfold:
+        raise UsageError('--search scores trials on one split with one training seed; drop --seeds / '
+                         '--run_full_kfold (run the best settings with them afterwards).')
+    if not args.search_name.strip():
+        raise UsageError('--search_name must not be empty.')
 
 
 # ---------------------------------------------------------------------------------------------

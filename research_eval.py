@@ -16,19 +16,22 @@ import torch
 from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support,
                              roc_auc_score)
 
-from research_data import batches_of, tokenized_splits
+from research_batching import in_text_order, length_sorted_batches
+from research_data import tokenized_splits
 from research_files import write_json_atomically
 from research_inference import OnnxClassifier, TorchClassifier, export_to_onnx, load_compressed_model, sigmoid
 from research_latency import (MIN_CYCLES, WEIGHT_FILE_SUFFIXES, compressed_size_mb, cycle_ratio, intra_op_threads,
                               make_timer, measure_interleaved)
 from research_models import folder_fingerprint, weight_names_in_group
+from research_stats import PREDICTIONS, threshold_vector, tune_thresholds
 from research_vocab import unknown_token_share
 
 
 
-def quality_metrics(y_true: np.ndarray, probs: np.ndarray, label_names: Sequence[str], threshold: float = 0.5) -> Dict:
+def quality_metrics(y_true: np.ndarray, probs: np.ndarray, label_names: Sequence[str], threshold=0.5) -> Dict:
     """F1 macro/micro/weighted, exact match, Hamming loss, ROC-AUC (macro over labels where both classes
-    occur) and per-label precision/recall/F1/ROC-AUC, at a fixed decision threshold."""
+    occur) and per-label precision/recall/F1/ROC-AUC, at a decision threshold (one for every label, or an
+    array of one per label)."""
     y_true = np.asarray(y_true).astype(int)
     y_pred = (np.asarray(probs) >= threshold).astype(int)
     precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
@@ -50,12 +53,13 @@ def quality_metrics(y_true: np.ndarray, probs: np.ndarray, label_names: Sequence
 
 
 def predict_probabilities(classifier, dataset, batch_size: int = 64):
-    """(labels, probabilities) of a classifier from `research_inference` on a tokenized split."""
+    """(labels, probabilities) of a classifier from `research_inference` on a tokenized split, in the split's
+    row order (batches are sorted by length, so each pads to nearly its own texts' length)."""
     labels, probs = [], []
-    for batch in batches_of(dataset, classifier.tokenizer, batch_size):
-        labels.append(batch.pop('labels').numpy())
-        probs.append(sigmoid(classifier.logits(batch)))
-    return np.concatenate(labels), np.concatenate(probs)
+    for rows, batch in length_sorted_batches(dataset, classifier.tokenizer, batch_size):
+        labels.append((rows, batch.pop('labels').numpy()))
+        probs.append((rows, sigmoid(classifier.logits(batch))))
+    return in_text_order(labels, len(dataset)), in_text_order(probs, len(dataset))
 
 
 def macro_f1_of_model(model, tokenizer, dataset, label_names: Sequence[str], max_length: int, threshold: float) -> float:
@@ -145,14 +149,35 @@ def weight_statistics(classifier, pruned_layer_names: Sequence[str]) -> Dict:
     }
 
 
-def evaluate_saved_model(classifier, model_dir: str, test_dataset, pruned_layer_names: Sequence[str],
-                         threshold: float) -> Dict:
-    """Quality, size and weights of one stage, measured on the model as loaded back from `model_dir`."""
-    labels, probs = predict_probabilities(classifier, test_dataset)
-    result = quality_metrics(labels, probs, classifier.label_names, threshold)
+def evaluate_saved_model(classifier, model_dir: str, splits, pruned_layer_names: Sequence[str], settings) -> Dict:
+    """Quality, size and weights of one stage, measured on the model as loaded back from `model_dir`: the test
+    metrics at the stage's thresholds (`stage_thresholds`), macro-F1 at --threshold beside them, and the test
+    predictions the run's statistics read (research_stats.PREDICTIONS, removed before anything is written)."""
+    labels, probs = predict_probabilities(classifier, splits.test)
+    thresholds = stage_thresholds(classifier, splits.val, settings)
+    cut = threshold_vector(thresholds, classifier.label_names)
+    result = quality_metrics(labels, probs, classifier.label_names, cut)
+    result['thresholds'] = thresholds
+    result['test_texts'] = int(len(labels))
+    result['threshold_strategy'] = settings.threshold_strategy
+    result['f1_macro_at_default_threshold'] = (
+        quality_metrics(labels, probs, classifier.label_names, settings.threshold)['f1_macro']
+        if settings.threshold_strategy != 'fixed' else result['f1_macro'])
+    result[PREDICTIONS] = (labels.astype(np.int8), (probs >= cut).astype(np.int8), probs)
     result['size_mb'] = size_on_disk_mb(model_dir)
     result.update(weight_statistics(classifier, pruned_layer_names))
     return result
+
+
+def stage_thresholds(classifier, validation, settings) -> Dict[str, float]:
+    """{label: decision threshold} of one stage: --threshold for every label (--threshold_strategy fixed), or
+    each label's F1-optimal threshold on this stage's own VALIDATION predictions (per_label; a label with fewer
+    than --min_threshold_positives validation positives keeps --threshold). Computed at evaluation, so the
+    threshold is no part of a stored stage's identity; the test split never enters."""
+    if settings.threshold_strategy == 'fixed':
+        return {name: float(settings.threshold) for name in classifier.label_names}
+    labels, probs = predict_probabilities(classifier, validation)
+    return tune_thresholds(labels, probs, classifier.label_names, settings.threshold, settings.min_threshold_positives)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,10 +252,8 @@ def evaluate_stage(model_dir: str, linear_roles: Dict[str, str], prune_layers: s
     vocabulary. Latency is measured for all stages of a run together (`measure_side_by_side`), peak memory in
     a fresh process per stage (`peak_memory_of_stages`)."""
     classifier = load_compressed_model(model_dir)
-    test = tokenized_splits(data, classifier.tokenizer, settings.max_length, settings.cache_dir).test
-    result = {}
-    result.update(evaluate_saved_model(classifier, model_dir, test, weight_names_in_group(linear_roles, prune_layers),
-                                       settings.threshold))
+    splits = tokenized_splits(data, classifier.tokenizer, settings.max_length, settings.cache_dir)
+    result = evaluate_saved_model(classifier, model_dir, splits, weight_names_in_group(linear_roles, prune_layers), settings)
     result.update(vocabulary_statistics(classifier.tokenizer, [data.texts[i] for i in data.test_idx], settings.max_length))
     result.update(zipped_size(model_dir, stage_key, settings.cache_dir))
     return result

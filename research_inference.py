@@ -4,7 +4,8 @@
     model = load_compressed_model('compressed_models/stages/quant')
     model.predict(['...'])  # -> [{'bully': 0.91, 'sexual': 0.02, ...}]
 
-CLI: python research_inference.py MODEL_DIR "text" ["text" ...]
+CLI (research_scoring): python research_inference.py predict MODEL_DIR "text" ["text" ...]   (or without `predict`)
+                       python research_inference.py score MODEL_DIR --input comments.csv --output predictions.csv
 
 This module owns every on-disk format of a stage model: `FORMATS` is one static table, name -> (save,
 load), and `compression_info.json` (written here only) names the format of a folder:
@@ -31,6 +32,7 @@ from research_errors import UsageError
 from research_files import atomic_write, file_is_whole
 from research_latency import onnxruntime_session_options
 from research_models import build_structurally_pruned_model, is_structurally_pruned, model_inputs
+from research_scoring import parse_inference_arguments, score_command
 
 INFO_FILE = 'compression_info.json'
 ONNX_FILE = 'model.onnx'
@@ -52,6 +54,10 @@ class CompressedClassifier:
         self.max_length = max_length
         self.threshold = threshold
         self.info = info
+        # {label: threshold}: per-label thresholds tuned on validation (--threshold_strategy per_label), stored in
+        # compression_info.json as `thresholds`; otherwise `threshold` for every label
+        stored = info.get('thresholds') or {}
+        self.thresholds = {name: float(stored.get(name, threshold)) for name in self.label_names}
 
     def logits(self, batch: dict) -> np.ndarray:
         raise NotImplementedError
@@ -73,6 +79,10 @@ class CompressedClassifier:
         """Every stored parameter as an array, keyed by the PyTorch parameter name where one is known."""
         raise NotImplementedError
 
+    def probabilities(self, batch: dict) -> np.ndarray:
+        """[batch, labels] sigmoid probabilities of a padded batch."""
+        return sigmoid(self.logits(batch))
+
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> List[Dict[str, float]]:
         if isinstance(texts, str):
             texts = [texts]
@@ -83,6 +93,13 @@ class CompressedClassifier:
             probs = sigmoid(self.logits(dict(batch)))
             results.extend({name: float(p) for name, p in zip(self.label_names, row)} for row in probs)
         return results
+
+    def predict_labels(self, texts: Sequence[str], batch_size: int = 32) -> List[List[str]]:
+        """Per text, the labels whose probability reaches that label's stored threshold (`thresholds`)."""
+        return [self.labels_of(probs) for probs in self.predict(texts, batch_size)]
+
+    def labels_of(self, probs: Dict[str, float]) -> List[str]:
+        return [name for name, p in probs.items() if p >= self.thresholds[name]]
 
 
 class TorchClassifier(CompressedClassifier):
@@ -218,9 +235,11 @@ def _write_info(model_dir: str, info: dict) -> None:
         json.dump(info, fh, indent=2)
 
 
-def set_threshold(model_dir: str, threshold: float) -> None:
-    """The decision threshold the folder's model predicts labels at (an exported model carries its run's)."""
-    _write_info(model_dir, {**read_info(model_dir), 'threshold': threshold})
+def set_threshold(model_dir: str, threshold: float, thresholds: Optional[Dict[str, float]] = None) -> None:
+    """The decision threshold the folder's model predicts labels at (an exported model carries its run's), and
+    its per-label `thresholds` ({label: value}, tuned on validation) when there are some (else none is kept)."""
+    info = {k: v for k, v in read_info(model_dir).items() if k != 'thresholds'}
+    _write_info(model_dir, {**info, 'threshold': threshold, **({'thresholds': dict(thresholds)} if thresholds else {})})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,34 +447,28 @@ def peak_memory_probe(model_dir: str, batch_size: int, seq_len: int, text: str) 
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    device = None
-    if len(argv) >= 2 and argv[0] == '--device':
-        device, argv = argv[1], argv[2:]
-    if len(argv) < 2 or argv[0] in ('-h', '--help'):
-        print('usage: python research_inference.py [--device cuda] MODEL_DIR "text" ["text" ...]\n'
-              'Prints one JSON object of label probabilities per text; labels at or above the threshold of the\n'
-              "folder's compression_info.json (the --threshold of the run that saved it) are listed; an empty\n"
-              'text gets no labels (a note says so).\n'
-              '--device puts a PyTorch model (fp32, pruned, fp16/bf16) on that device (default: CPU); ONNX\n'
-              'models (int8, int4) run on the CPU, bitsandbytes NF4/FP4 models on the GPU.')
-        return 0 if argv and argv[0] in ('-h', '--help') else 2
+    """`predict` (texts as arguments; the old form without the word too) or `score` (a file): research_scoring."""
     try:
-        model = load_compressed_model(argv[0], device=device)
+        args = parse_inference_arguments(argv)
+        if args.command == 'predict':
+            model = load_compressed_model(args.model_dir, device=args.device)
+            for text, probs in zip(args.texts, model.predict(args.texts)):
+                print(json.dumps(prediction_record(text, probs, model.labels_of(probs)), ensure_ascii=False))
+            return 0
+        read_info(args.model_dir)   # not a saved model: refused before the input is read
+        return score_command(args, lambda: load_compressed_model(args.model_dir, device=args.device))
     except UsageError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
-    for text, probs in zip(argv[1:], model.predict(argv[1:])):
-        print(json.dumps(prediction_record(text, probs, model.threshold), ensure_ascii=False))
-    return 0
 
 
-def prediction_record(text: str, probs: Dict[str, float], threshold: float) -> Dict:
-    """What the CLI prints for one text. An empty (or blank) text has nothing to classify: no labels and
-    no probabilities, and a note saying so (training drops such texts too)."""
+def prediction_record(text: str, probs: Dict[str, float], labels: Sequence[str]) -> Dict:
+    """What the CLI prints for one text: its labels (at the folder's thresholds) and probabilities. An empty (or
+    blank) text has nothing to classify: no labels and no probabilities, and a note saying so (training drops
+    such texts too)."""
     if not text.strip():
         return {'text': text, 'labels': [], 'probabilities': {}, 'note': 'empty text: nothing to classify, no labels'}
-    return {'text': text, 'labels': [name for name, p in probs.items() if p >= threshold],
+    return {'text': text, 'labels': list(labels),
             'probabilities': {k: round(v, 4) for k, v in probs.items()}}
 
 

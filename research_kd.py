@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from research_data import batches_of, tokenized_splits, tokenizer_fingerprint
+from research_batching import in_text_order, length_sorted_batches
+from research_data import tokenized_splits, tokenizer_fingerprint
 from research_distributed import main_process_first
 from research_errors import UsageError
 from research_files import atomic_write, remove_entry
@@ -336,14 +337,15 @@ def teacher_logits_cache_key(teacher, teacher_tokenizer, data, max_length: int) 
 
 
 def teacher_logits_on(teacher, teacher_tokenizer, dataset, batch_size: int = 64) -> np.ndarray:
-    """Teacher logits for every row of a tokenized split (in the teacher's tokenization), eval mode, no grad."""
+    """Teacher logits for every row of a tokenized split (in the teacher's tokenization), eval mode, no grad;
+    batches sorted by length, logits in the split's row order."""
     device = next(teacher.parameters()).device
     teacher.eval()
     chunks = []
     with torch.inference_mode():
-        for batch in batches_of(dataset, teacher_tokenizer, batch_size):
-            chunks.append(teacher(**model_inputs(batch, device)).logits.float().cpu().numpy())
-    return np.concatenate(chunks).astype(np.float32)
+        for rows, batch in length_sorted_batches(dataset, teacher_tokenizer, batch_size):
+            chunks.append((rows, teacher(**model_inputs(batch, device)).logits.float().cpu().numpy()))
+    return in_text_order(chunks, len(dataset)).astype(np.float32)
 
 
 def cached_teacher_logits(teacher, teacher_tokenizer, teacher_train_dataset, data, max_length: int,

@@ -44,10 +44,12 @@ from research_faults import fault_exit_code, faults_reported, install_signal_han
 from research_files import remove_abandoned_temporaries, write_json_atomically
 from research_output import CONFIG_JSON, RUN_LOG, STAGE_LOG, captured_output, prepare_output_dir, run_log, show_progress_bars
 from research_plots import write_plots
+from research_search import run_search
 from research_results import (export_stage_models, final_stage_row, format_stage_table, summarize_runs,
                               write_pipeline_results, write_summary)
 from research_stages import WORK_DIR, StageNode, StageStore, stage_key
 from research_tokenizer_fit import report_tokenizer_fit, tokenizer_roles
+from research_stats import add_statistics
 from research_training import resumable_checkpoint
 
 
@@ -155,7 +157,9 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
               f'{result["speedup"]:.2f}x [{result["speedup_ci_low"]:.2f}, {result["speedup_ci_high"]:.2f}] the teacher '
               f'(batch {settings.latency_batch_size} x {settings.max_length} tokens, {settings.latency_threads} '
               f'thread(s))' + (' [noisy: did not converge]' if result['latency_noisy'] else ''))
-    return {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
+    chains = {p: add_relative_metrics([dict(measured[n.key]) for n in chain]) for p, chain in nodes.items()}
+    # 95 % bootstrap intervals and paired tests against the teacher and the parent, on shared resamples
+    return add_statistics(chains, settings.bootstrap_resamples, settings.seed, settings.significance_level)
 
 
 def prepare_folds(args) -> Dict[int, object]:
@@ -240,6 +244,8 @@ def main(args_list: Optional[List[str]] = None) -> int:
             if is_main_process() and args.cache_report:
                 print(cache_report(args.cache_dir))
             return 0
+        if args.search:   # settings: search: a budgeted search instead of a plan (research_search)
+            return run_search(args, run_chain, stage_keys)
         pipelines = requested_pipelines(args)
         start()                                    # torchrun / accelerate launch: join the process group
         if not is_main_process():

@@ -29,6 +29,7 @@ MEASUREMENT_SETTINGS = {'threshold', 'latency_batch_size', 'latency_runs', 'late
                         'latency_tolerance', 'latency_noise_bound'}
 NOT_RESULT_SETTINGS = ({name for name in FIELD_OWNER if not changes_result(name)} - MEASUREMENT_SETTINGS) | {
     'tool', 'pipelines', 'pipeline', 'run_ablation', 'ablation_pipelines'}
+from research_stat_tables import quality_cell
 
 
 def find_results(paths: Sequence[str]) -> List[str]:
@@ -133,6 +134,9 @@ def sweep_markdown(frame: pd.DataFrame, varying: Sequence[str]) -> str:
     """The report table; with rows from separate measurements, absolute latencies are marked as not comparable."""
     shown = ['pipeline'] + list(varying) + ['f1_macro', 'delta_f1_macro', 'size_mb', 'sparsity_overall', 'speedup',
                                             'latency_ms_p50', 'teacher_latency_ms_p50', 'latency_group']
+    if 'f1_macro_ci_low' in frame:   # macro-F1 with its interval and mark (research_stat_tables.quality_cell)
+        frame = frame.assign(**{'f1_macro [95% CI]': [quality_cell({**row, 'runs': 1}) for row in frame.to_dict('records')]})
+        shown = [('f1_macro [95% CI]' if c == 'f1_macro' else c) for c in shown]
     table = frame[shown].to_markdown(index=False, floatfmt='.4f')
     if frame['latency_group'].nunique() > 1:
         table += ('\n\n`speedup` is each row\'s final stage against the teacher of its own run, timed side by side: '

@@ -14,6 +14,8 @@ from research_files import fresh_folder_inside, write_json_atomically, written_a
 from research_inference import set_threshold
 from research_output import RESULTS_CSV, RESULTS_JSON
 from research_stages import copy_stage
+from research_stat_tables import STATISTICS_FIELDS, between_run_intervals, interval_legend, quality_cell
+from research_stats import significance_legend, significance_mark, with_interval
 
 SUMMARY_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'size_mb_compressed',
                    'compression_ratio', 'compression_ratio_compressed', 'params_nonzero', 'sparsity_overall',
@@ -41,6 +43,7 @@ def flatten_stage(stage: Dict, label_names: Sequence[str]) -> Dict:
     for name in label_names:
         for metric, value in stage['per_label'][name].items():
             row[f'{name}_{metric}'] = value
+        row[f'{name}_threshold'] = (stage.get('thresholds') or {}).get(name)
     return row
 
 
@@ -69,7 +72,7 @@ def export_stage_models(folder: str, args, pipeline: str, stages: List[Dict], no
         for note in fresh_folder_inside(args.output_dir, target):
             print(f'[output] {note}')
         copy_stage(node, target)
-        set_threshold(target, args.threshold)
+        set_threshold(target, args.threshold, stage.get('thresholds') if args.threshold_strategy == 'per_label' else None)
         stage['model_dir'] = os.path.abspath(target)
         write_model_card(target, pipeline, stage, args.as_dict())
 
@@ -80,16 +83,21 @@ def format_stage_table(stages: List[Dict]) -> str:
     converge, `*` a runtime change."""
     def fmt(value, spec):
         return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-    lines = [f'{"stage":<10} {"F1-macro":>9} {"size MB":>8} {"zip MB":>8} {"nonzero":>11} {"sparsity":>9} '
+    lines = [f'{"stage":<10} {"F1-macro [95% CI]":>24} {"size MB":>8} {"zip MB":>8} {"nonzero":>11} {"sparsity":>9} '
              f'{"p50 ms":>8} {"x smaller":>9} {"x faster [95% interval]":>24}']
     for s in stages:
         faster = f'{fmt(s["speedup"], ".2f")} [{fmt(s.get("speedup_ci_low"), ".2f")}, {fmt(s.get("speedup_ci_high"), ".2f")}]'
         faster += ('!' if s.get('latency_noisy') else '') + ('*' if s.get('speedup_includes_runtime_change') else '')
-        lines.append(f'{s["stage"]:<10} {fmt(s["f1_macro"], ".4f"):>9} {fmt(s["size_mb"], ".2f"):>8} '
+        quality = with_interval(s['f1_macro'], s.get('f1_macro_ci_low'), s.get('f1_macro_ci_high')) + significance_mark(s)
+        lines.append(f'{s["stage"]:<10} {quality:>24} {fmt(s["size_mb"], ".2f"):>8} '
                      f'{fmt(s.get("size_mb_compressed"), ".2f"):>8} {s["params_nonzero"]:>11,} '
                      f'{fmt(s["sparsity_overall"], ".1%"):>9} {fmt(s["latency_ms_p50"], ".2f"):>8} '
                      f'{fmt(s["compression_ratio"], ".2f"):>9} {faster:>24}')
     first = stages[0]
+    lines.append(significance_legend(first.get('statistics')))
+    if first.get('threshold_strategy') == 'per_label':
+        lines.append('Thresholds: per label, tuned on the validation split for each stage (macro-F1 at --threshold: '
+                     + ', '.join(f'{s["stage"]} {fmt(s.get("f1_macro_at_default_threshold"), ".4f")}' for s in stages) + ').')
     lines.append(f'x faster: median over interleaved rotation cycles of the teacher/stage time ratio [95% bootstrap '
                  f'interval], {first.get("latency_rounds")} rounds in {fmt(first.get("latency_seconds"), ".1f")} s; batch '
                  f'{first.get("latency_batch_size")} x {first.get("latency_seq_len")} tokens, '
@@ -111,10 +119,17 @@ def format_stage_table(stages: List[Dict]) -> str:
 def final_stage_row(pipeline: str, stages: List[Dict], label_names: Sequence[str], run: str) -> Dict:
     """One row per pipeline run: the final stage's metrics, per-label F1 and deltas against the baseline."""
     final, base = stages[-1], stages[0]
+    final = {**final, 'baseline_f1_macro': base['f1_macro'], 'baseline_f1_macro_ci_low': base.get('f1_macro_ci_low'),
+             'baseline_f1_macro_ci_high': base.get('f1_macro_ci_high')}
     row = {'pipeline': pipeline, 'run': run}
     row.update({m: final.get(m) for m in SUMMARY_METRICS})
     row.update({f'f1_{label}': final['per_label'][label]['f1'] for label in label_names})
+    for label in label_names:
+        for side in ('low', 'high'):
+            if f'f1_ci_{side}' in final['per_label'][label]:
+                row[f'f1_{label}_ci_{side}'] = final['per_label'][label][f'f1_ci_{side}']
     row.update({f'delta_{m}': final[m] - base[m] for m in DELTA_METRICS})
+    row.update({field: final.get(field) for field in STATISTICS_FIELDS if field in final})
     return row
 
 
@@ -122,13 +137,15 @@ def summarize_runs(rows: List[Dict]) -> pd.DataFrame:
     """Mean and (when there are several runs per pipeline) standard deviation of every column, in the
     order the pipelines first appear."""
     frame = pd.DataFrame(rows)
+    if 'significant_vs_baseline' in frame:   # True/False/None -> 1/0/NaN, so it averages like the rest
+        frame['significant_vs_baseline'] = [float('nan') if v is None else float(v) for v in frame['significant_vs_baseline']]
     order = list(dict.fromkeys(frame['pipeline']))
     numeric = [c for c in frame.columns if c not in ('pipeline', 'run')]
     grouped = frame.groupby('pipeline', sort=False)[numeric]
     summary = grouped.mean()
     if frame.groupby('pipeline').size().max() > 1:
         spread = grouped.std(ddof=1).add_suffix('_std')
-        summary = summary.join(spread)
+        summary = summary.join(spread).join(between_run_intervals(frame))
     summary.insert(0, 'runs', frame.groupby('pipeline', sort=False).size())
     return summary.loc[order].reset_index()
 
@@ -143,6 +160,7 @@ def _cell(value, std=None, spec='.4f'):
 
 
 def summary_markdown(summary: pd.DataFrame, label_names: Sequence[str], split_note: str) -> str:
+    with_intervals = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match']
     columns = [('f1_macro', '.4f'), ('delta_f1_macro', '+.4f'), ('f1_weighted', '.4f'), ('f1_micro', '.4f'),
                ('exact_match', '.4f'), ('size_mb', '.2f'), ('size_mb_compressed', '.2f'), ('compression_ratio', '.2f'),
                ('compression_ratio_compressed', '.2f'), ('params_nonzero', ',.0f'), ('sparsity_overall', '.1%'),
@@ -152,11 +170,12 @@ def summary_markdown(summary: pd.DataFrame, label_names: Sequence[str], split_no
     lines = [f'Scored on {split_note}. Cells are mean ± std over runs where there are several; deltas are against '
              '`baseline` (the teacher) of the same run. `speedup` is the median over interleaved timing rounds of '
              'the teacher/stage time ratio (`speedup_iqr` its interquartile range); `size_mb_compressed` is the '
-             'weight files zipped (DEFLATE).', '',
+             'weight files zipped (DEFLATE).', '', interval_legend(summary), '',
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for _, row in summary.iterrows():
         cells = [row['pipeline'], str(int(row['runs']))]
-        cells += [_cell(row.get(c), row.get(f'{c}_std'), spec) for c, spec in columns]
+        cells += [quality_cell(row, c) if c in with_intervals else _cell(row.get(c), row.get(f'{c}_std'), spec)
+                  for c, spec in columns]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
 

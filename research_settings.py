@@ -172,6 +172,12 @@ class TrainingSettings:
     gradient_accumulation_steps: int = setting(1, 'Batches accumulated per optimizer step (1 = no accumulation).', low=1)
     mixed_precision: bool = setting(True, 'Disable bf16/fp16 mixed precision (without it, mixed precision is on when '
                                           'training on a CUDA GPU).')
+    # settings: length grouping
+    group_by_length: bool = setting(True, 'Plain random training batches instead of length-grouped ones (the default '
+                                          'for teacher, KD, fine-tuning after pruning and QAT: random mega-batches of 50 '
+                                          'batches sorted by length, seeded by the training seed and the epoch). '
+                                          'Evaluation batches are sorted by length either way, results in text order.',
+                                    on_flag=True)
 
 
 @dataclass(frozen=True)
@@ -272,11 +278,35 @@ class EvalSettings:
                                               'per stage).', off_flag='--no_peak_memory', result=False)
 
 
+# settings: statistics (research_stats; docs/statistics.md). None changes what a stage produces: they act when the
+# stored stages are evaluated, so changing them re-evaluates without retraining.
+@dataclass(frozen=True)
+class StatisticsSettings:
+    """statistics (confidence intervals, paired tests, per-label thresholds)"""
+    bootstrap_resamples: int = setting(
+        10000, 'Bootstrap resamples of the test texts for the 95%% interval of every quality metric and the paired tests '
+               'of each stage against the teacher and its parent (0 or at least 1000; 0 turns the statistics off; '
+               'Dror et al. 2018 advise at least 10000).', low=0, result=False)
+    significance_level: float = setting(
+        0.05, 'Family-wise error rate of the paired tests, Holm-corrected over all comparisons of a run, in (0, 0.5].',
+        low=0.0, high=0.5, low_open=True, result=False)
+    threshold_strategy: str = setting(
+        'fixed', "fixed: every label at --threshold. per_label: for every stage separately, each label's threshold "
+                 "maximising its F1 on the validation split (never the test split); stored in the exported stage's "
+                 'compression_info.json and used by its predict_labels.', choices=('fixed', 'per_label'), result=False)
+    min_threshold_positives: int = setting(
+        5, 'With --threshold_strategy per_label, a label with fewer validation positives than this keeps --threshold '
+           '(at least 1).', low=1, result=False)
+
+
 # Everything a run writes at the top of --output_dir, and nothing else: the archive of an earlier run moves
 # these names only, and --overwrite_output_dir replaces these names only (the output-folder code obeys this list).
 TOOL_OUTPUTS = ('config.json', 'run.log', 'results_final.json', 'results_final.csv', 'stage_log.json', 'stages', 'runs',
                 'pipelines', 'ablation_summary.csv', 'ablation_summary.md', 'f1_vs_size.png', 'f1_vs_latency.png',
-                'per_label_f1.png', 'logs')
+                'per_label_f1.png', 'logs',
+                # settings: search (research_search_report; the study journal, search_study.journal, is not listed:
+                # a re-run continues the study it holds)
+                'search_trials.csv', 'search_pareto.md', 'search_pareto.png', 'search_best')
 
 
 @dataclass(frozen=True)
@@ -325,9 +355,41 @@ class StoreSettings:
               'leftovers of interrupted runs, then exit.', low=0.0, metavar='DAYS', result=False)
 
 
+# settings: search (research_search: a budgeted search over the tool's own settings, with Optuna)
+@dataclass(frozen=True)
+class SearchSettings:
+    """budgeted search (--search; docs/search.md)"""
+    search: bool = setting(False, "Search the tool's own settings (techniques, student layers, vocabulary trimming, KD, "
+                                  'pruning and quantization settings) for the best validation macro-F1 within the '
+                                  '--budget_* limits, every trial through the stage store; the eight pipelines with this '
+                                  "command line's settings are the first trials. Writes search_trials.csv, "
+                                  'search_pareto.md/.png and search_best/. Not with --run_ablation.',
+                           result=False)
+    search_trials: int = setting(24, 'Trials the study should hold (at least 1; the eight pipelines included; failed '
+                                     'trials do not count).', low=1, result=False)
+    budget_size_mb: Optional[float] = setting(None, "Budget: the final stage's weight files on disk, at most this many MB "
+                                                    '(> 0; default: no limit).', low=0.0, low_open=True, result=False)
+    budget_speedup: Optional[float] = setting(None, 'Budget: the final stage at least this many times faster than the '
+                                                    'teacher, timed side by side (> 0; default: no limit).', low=0.0,
+                                              low_open=True, result=False)
+    budget_latency_ms: Optional[float] = setting(None, "Budget: the final stage's p50 latency (batch --latency_batch_size "
+                                                       'x --max_length tokens, this machine) at most this many ms (> 0; '
+                                                       'default: no limit).', low=0.0, low_open=True, result=False)
+    search_space: Optional[str] = setting(None, 'YAML or JSON file mapping settings to a list of choices or a range '
+                                                '{low, high[, log]}; replaces the default space (docs/search.md).',
+                                          metavar='FILE', result=False)
+    search_storage: Optional[str] = setting(None, 'Where the study lives: a journal file path, or a database URL '
+                                                  '(postgresql://user:pw@host/db; sqlite:///file.db for one process '
+                                                  'only). Default: <output_dir>/search_study.journal. Processes sharing '
+                                                  'it (and a --cache_dir) add trials to one study.', metavar='URL',
+                                            result=False)
+    search_name: str = setting('research_search', "The study's name in --search_storage (a re-run with the same name "
+                                                  'continues it).', result=False)
+
+
 GROUPS = (RequiredSettings, PipelineSettings, DataSettings, TeacherSettings, StudentSettings, VocabSettings,
-          TrainingSettings, KDSettings, PruneSettings, QuantSettings, EvalSettings, OutputSettings, CardSettings,
-          StoreSettings)
+          TrainingSettings, KDSettings, PruneSettings, QuantSettings, EvalSettings, StatisticsSettings, OutputSettings,
+          CardSettings, StoreSettings, SearchSettings)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from transformers.integrations import INTEGRATION_TO_CALLBACK, TensorBoardCallba
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as transformers_logging
 
+from research_batching import LengthSortedSampler, PaddingCount, SeededLengthGroupedSampler, token_lengths
 from research_data import positive_class_weights, tokenized_splits
 from research_distributed import barrier, in_all_processes, is_distributed, is_main_process
 from research_errors import UsageError
@@ -41,6 +42,27 @@ class MultiLabelTrainer(Trainer):
     def __init__(self, *args, pos_weight: Optional[np.ndarray] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.pos_weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32)
+        self.padding = PaddingCount()   # of the training batches run (research_batching)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """--group_by_length: batches of similar length (research_batching), seeded by the data seed and epoch."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != 'group_by_length' or 'input_ids' not in getattr(dataset, 'column_names', ()):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return SeededLengthGroupedSampler(token_lengths(dataset), self.args.train_batch_size *
+                                          self.args.gradient_accumulation_steps, seed)
+
+    def _get_eval_sampler(self, eval_dataset):
+        """Validation batches sorted by length (predictions and labels stay paired, so metrics are unchanged)."""
+        if 'input_ids' not in getattr(eval_dataset, 'column_names', ()):
+            return super()._get_eval_sampler(eval_dataset)
+        return LengthSortedSampler(token_lengths(eval_dataset))
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        if 'attention_mask' in inputs:
+            self.padding.add(inputs['attention_mask'])
+        return super().training_step(model, inputs, *args, **kwargs)
 
     def supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pos_weight = None if self.pos_weight is None else self.pos_weight.to(logits.device)
@@ -139,6 +161,7 @@ def make_training_arguments(settings, output_dir: str, epochs: float, learning_r
         label_names=['labels'],
         seed=settings.train_seed,
         data_seed=settings.train_seed,
+        train_sampling_strategy='group_by_length' if settings.group_by_length else 'random',
         fp16=mixed and not use_bf16,
         bf16=use_bf16,
         use_cpu=not cuda,
@@ -230,6 +253,10 @@ def run_training(trainer: Trainer, work_dir: str):
     trainer.train(resume_from_checkpoint=checkpoint)
     print(f'[train] best validation macro-F1 {trainer.state.best_metric:.4f} '
           f'(checkpoint {trainer.state.best_model_checkpoint}) restored')
+    padding = getattr(trainer, 'padding', None)
+    if padding is not None and padding.efficiency is not None:
+        print(f'[train] padding efficiency {padding.efficiency:.3f} (real / computed tokens of the training batches, '
+              f"{'grouped by length' if trainer.args.train_sampling_strategy == 'group_by_length' else 'random order'})")
     if in_all_processes():
         barrier()               # every process has loaded the best checkpoint before it is removed
     if is_main_process():
