@@ -25,6 +25,7 @@ from research_distributed import check_launch, launched_processes
 from research_errors import UsageError
 from research_files import folder_problem, write_json_atomically
 from research_models import folder_fingerprint
+from research_output_guard import refuse_empty_paths, refuse_overlap
 from research_quantization import resolve_quant_dtype
 from research_settings import (FIELD_OWNER, LABEL_COLUMNS, PIPELINE_CONFIGS, TOOL_OUTPUTS, Pipeline, Settings,
                                build_argument_parser, changes_result, default_settings, out_of_range,
@@ -219,8 +220,12 @@ def validate_arguments(args: Settings) -> None:
     folders, the CSV's header and labels, then each requested pipeline's stages with that pipeline's settings
     (e.g. --max_length against the models' configs). The split-dependent checks (a label never positive in a
     split) follow in research_data.prepare_data."""
+    refuse_empty_paths(args)   # settings: run folders (an empty path would silently mean the working directory)
     duplicated = sorted({c for c in args.label_columns if args.label_columns.count(c) > 1})
+    repeated_seeds = sorted({s for s in args.train_seeds if args.train_seeds.count(s) > 1})
     checks = [
+        (not repeated_seeds, f'--seeds repeats {", ".join(map(str, repeated_seeds))}: the same seed twice is the same '
+                             'run twice, reported as a repetition (a spread of 0). Give each seed once, e.g. 42,43,44.'),
         (args.eval_fold < args.num_folds, f'--eval_fold must be in [0, {args.num_folds - 1}], got {args.eval_fold}.'),
         (len(args.label_columns) >= 1, '--label_columns must name at least one column.'),
         (not duplicated, f'--label_columns names {", ".join(duplicated)} more than once; name each label column once.'),
@@ -242,6 +247,7 @@ def validate_arguments(args: Settings) -> None:
         if problem:
             raise UsageError(f"{flag} '{folder}' {problem}. It must be a folder this tool can create or write "
                              f'({what}): choose another path with {flag}.')
+    refuse_overlap(args.output_dir, args.cache_dir, TOOL_OUTPUTS)   # settings: run folders (archive vs store)
     load_labeled_csv(args.dataset_path, args.text_column, args.label_columns)
     for pipeline in requested_pipelines(args):
         settings = pipeline_settings(args, pipeline, args.train_seeds[0])

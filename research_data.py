@@ -10,6 +10,7 @@ counts as positive (a moderation model should rather see a disputed comment as h
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 import unicodedata
@@ -223,6 +224,20 @@ def prepare_data(dataset_path: str, text_column: str, label_columns: Sequence[st
                          eval_fold, num_folds)
     split = {'num_folds': num_folds, 'seed': seed, 'data_fraction': data_fraction, 'val_fraction': val_fraction}
     return PreparedData(texts, labels, list(label_columns), train_idx, val_idx, test_idx, eval_fold, stats, split)
+
+
+def check_optimizer_steps(data: PreparedData, batch: int, processes: int, accumulation: int) -> None:
+    """--gradient_accumulation_steps must fit in an epoch: more than an epoch's batches (of the training split,
+    shared out among the data-parallel processes) would leave an optimizer that steps at most once an epoch, its
+    warm-up and schedule planned for steps that never come, and an untrained model reported as trained."""
+    texts = len(data.train_idx)
+    batches = math.ceil(math.ceil(texts / max(processes, 1)) / batch)
+    if accumulation > batches:
+        shared = f' shared among {processes} processes' if processes > 1 else ''
+        raise UsageError(f'--gradient_accumulation_steps {accumulation} is more than the {batches} batch(es) of --batch '
+                         f'{batch} that an epoch of the {texts} training texts{shared} has (fold {data.fold}), so the '
+                         'optimizer would hardly ever step. Use --gradient_accumulation_steps '
+                         f'{max(batches, 1)} or less, or a smaller --batch.')
 
 
 def check_label_coverage(labels: np.ndarray, label_names: Sequence[str], splits: Dict[str, np.ndarray], fold: int,

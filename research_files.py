@@ -65,6 +65,26 @@ def owner_is_dead(record: Optional[Dict]) -> bool:
         return False
 
 
+def lock_holders(path: str) -> List[int]:
+    """The processes of this host other than this one that hold a flock on `path` (from /proc/locks; empty
+    where the platform cannot say)."""
+    try:
+        stat = os.stat(path)
+        with open('/proc/locks', encoding='ascii') as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    device = f'{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}'
+    pids = set()
+    for line in lines:
+        fields = line.split()
+        if '->' in fields:         # a waiter, not a holder
+            continue
+        if len(fields) >= 6 and fields[1] == 'FLOCK' and fields[5] == device and fields[4].isdigit():
+            pids.add(int(fields[4]))
+    return sorted(pids - {os.getpid()})
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing aside, then renaming
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +179,20 @@ def checksum_problems(folder: str, recorded: Dict[str, Dict]) -> List[str]:
         elif os.path.getsize(path) != expected.get('bytes') or sha256_of_file(path) != expected.get('sha256'):
             problems.append(f'{relative} changed since it was stored (checksum mismatch)')
     return problems
+
+
+def unrecorded_entries(folder: str, recorded: Dict[str, Dict], exclude: Tuple[str, ...] = ()) -> List[str]:
+    """What lies under `folder` that `recorded` does not list (a file, or a symbolic link, which a record never
+    lists): a record that omits a file would skip that file's check, so such an entry makes the folder
+    untrusted. Recorded names that point outside the folder ('..', absolute) are listed too."""
+    found = [name for name in recorded if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == '..']
+    for root, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative not in exclude and relative not in recorded and (os.path.islink(path) or name in files):
+                found.append(relative)
+    return sorted(found)
 
 
 def folder_size(path: str) -> int:

@@ -31,6 +31,7 @@ from research_distributed import main_process_first
 from research_errors import UsageError
 from research_files import atomic_write, remove_entry
 from research_inference import load_trainable_model, save_hf
+from research_model_folders import check_model_folder
 from research_models import (check_model_source, configured_depth, linear_weight_roles, load_encoder_for_classification,
                              load_tokenizer, model_inputs, weights_fingerprint)
 from research_training import (MultiLabelTrainer, make_trainer, run_training, stage_info, training_pos_weight,
@@ -273,6 +274,7 @@ def validate(args) -> None:
                 raise UsageError(f'--student_layers {args.student_layers} must keep between 1 and {depth_T} distinct '
                                  f'teacher layers (the teacher has {depth_T}: 0..{depth_T - 1}).')
     else:
+        check_model_folder(args.student_path, '--student_path')   # config, whole weights and a real tokenizer
         check_model_source(args.student_path, args.max_length, '--student_path')
         depth_S = configured_depth(args.student_path)
     if args.kd_layer_map:

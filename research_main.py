@@ -35,19 +35,20 @@ from research_cache_upkeep import cache_report, prune_cache
 from research_compression_config import (PIPELINE_CONFIGS, STAGES, parse_compression_arguments, pipeline_settings,
                                          print_compression_config, requested_pipelines, save_config, stage_identity,
                                          store_maintenance)
-from research_data import prepare_data
+from research_data import check_optimizer_steps, prepare_data
 from research_distributed import (all_processes, broadcast, finish, is_distributed, is_main_process, main_process_first,
                                   start)
 from research_errors import UsageError
 from research_eval import add_relative_metrics, evaluate_stage, measure_side_by_side, peak_memory_of_stages
 from research_faults import fault_exit_code, faults_reported, install_signal_handlers
 from research_files import remove_abandoned_temporaries, write_json_atomically
+from research_output_guard import hold_output_folder, release_output_folder
 from research_output import CONFIG_JSON, RUN_LOG, STAGE_LOG, captured_output, prepare_output_dir, run_log, show_progress_bars
 from research_plots import write_plots
 from research_search import run_search
 from research_results import (export_stage_models, final_stage_row, format_stage_table, summarize_runs,
                               write_pipeline_results, write_summary)
-from research_stages import WORK_DIR, StageNode, StageStore, stage_key
+from research_stages import WORK_DIR, StageNode, StageStore, release_stage_uses, stage_key
 from research_tokenizer_fit import report_tokenizer_fit, tokenizer_roles
 from research_stats import add_statistics
 from research_training import resumable_checkpoint
@@ -166,8 +167,11 @@ def prepare_folds(args) -> Dict[int, object]:
     """The data of every fold the run scores on, loaded, split and checked (a label a split cannot score is
     refused here, before anything moves or trains)."""
     folds = list(range(args.num_folds)) if args.run_full_kfold else [args.eval_fold]
-    return {fold: prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, fold,
-                               args.data_fraction, args.val_fraction, args.seed) for fold in folds}
+    prepared = {fold: prepare_data(args.dataset_path, args.text_column, args.label_columns, args.num_folds, fold,
+                                   args.data_fraction, args.val_fraction, args.seed) for fold in folds}
+    for data in prepared.values():   # accumulation that an epoch of the training split cannot fill is refused
+        check_optimizer_steps(data, args.batch, args.data_parallel_processes, args.gradient_accumulation_steps)
+    return prepared
 
 
 def run_plan(args, pipelines: List[str], folds: Dict[int, object]) -> Tuple[List[Run], List[Dict]]:
@@ -262,7 +266,8 @@ def main(args_list: Optional[List[str]] = None) -> int:
         # The data of every fold, split and checked, still before anything in the output folder moves
         with captured_output() as preamble, all_processes(), main_process_first():
             folds = prepare_folds(args)
-        # Output folder: a foreign one is refused, an earlier run's own files are archived
+        # Output folder: one run at a time (its lock), a foreign one is refused, an earlier run's own files archived
+        hold_output_folder(args.output_dir)
         prepare_output_dir(args)
         show_progress_bars(args.progress_bars)
         with run_log(os.path.join(args.output_dir, RUN_LOG), preamble.getvalue()), usage_errors_logged(), \
@@ -293,6 +298,9 @@ def main(args_list: Optional[List[str]] = None) -> int:
         if code is None:
             raise
         return code
+    finally:
+        release_output_folder()                    # the output folder and the stages this run used are free again
+        release_stage_uses()
     return 0
 
 

@@ -19,6 +19,7 @@ from transformers.utils import logging as transformers_logging
 from research_compression_config import TOOL_MARKER, TOOL_OUTPUTS
 from research_errors import UsageError
 from research_files import TEMPORARY_TAG, locked_by_flags, move_all_or_none, rename_problem
+from research_output_guard import output_entries
 
 RESULTS_JSON = 'results_final.json'
 RESULTS_CSV = 'results_final.csv'
@@ -50,7 +51,7 @@ def holds_earlier_run(output_dir: str) -> bool:
                 return True
     except (OSError, ValueError, AttributeError):
         pass
-    return all(is_tool_output(n) for n in os.listdir(output_dir) if n != ARCHIVE_DIR)
+    return all(is_tool_output(n) for n in output_entries(output_dir) if n != ARCHIVE_DIR)
 
 
 def prepare_output_dir(args) -> None:
@@ -59,20 +60,20 @@ def prepare_output_dir(args) -> None:
     to previous_runs/<time>/ before the run writes: nothing is deleted or overwritten, no link is followed,
     and every other entry stays where it is."""
     out = args.output_dir
-    if os.path.isdir(out) and os.listdir(out):
+    if os.path.isdir(out) and output_entries(out):
         earlier = holds_earlier_run(out)
         if not earlier and not args.overwrite_output_dir:
             raise UsageError(f"--output_dir '{out}' is not empty and does not hold an earlier run of this tool. "
                              'Choose an empty or new folder, or pass --overwrite_output_dir to write into it anyway (its '
                              f'entries named like the tool\'s outputs, {", ".join(TOOL_OUTPUTS)}, are moved to '
                              f'{ARCHIVE_DIR}/<time>/ first; nothing else in it is touched).')
-        ours = sorted(n for n in os.listdir(out) if is_tool_output(n))
+        ours = sorted(n for n in output_entries(out) if is_tool_output(n))
         if ours:
             refuse_unmovable_entries(out, ours)
             archive = archive_folder(out)
             # config.json last: a move interrupted half-way still leaves a folder recognised as an earlier run
             move_into_archive(out, archive, sorted(ours, key=lambda n: n == CONFIG_JSON))
-            kept = len(os.listdir(out)) - 1
+            kept = len(output_entries(out)) - 1
             print(f'[output] {out} ' + ('held an earlier run' if earlier else "has entries named like this tool's outputs")
                   + f': {", ".join(ours)} moved to {archive}'
                   + (f'; {kept} other entr{"y" if kept == 1 else "ies"} left in place' if kept else ''))
@@ -131,10 +132,15 @@ class TerminalLines:
 
     LIVE_ROWS = 4   # how far up a redraw may reach (nested progress bars move up a row or two)
 
-    def __init__(self, log):
+    def __init__(self, log, durable: bool = False):
         self.log = log
         self.rows, self.redrawn = [''], [False]
         self.row = self.col = 0
+        # durable (a log file): every line is on disk as soon as it is printed, so the log of a killed run
+        # (kill -9, a time limit) holds all it printed; the rows a redraw may still change are written
+        # provisionally after the final ones and rewritten in place
+        self.durable, self.provisional = durable, False
+        self.committed = log.tell() if durable else 0
 
     def feed(self, text: str) -> None:
         for piece in TERMINAL_CONTROL.split(text):
@@ -151,6 +157,24 @@ class TerminalLines:
                 self.rows[self.row] = line[:self.col] + piece + line[self.col + len(piece):]
                 self.col += len(piece)
         self.commit(self.row - self.LIVE_ROWS)
+        if self.durable:
+            self.write_live_rows()
+
+    def write_live_rows(self) -> None:
+        """The rows still open to redraws, as they stand now, after the final lines (replaced next time)."""
+        self.drop_provisional()
+        rows = self.rows[:-1] if self.rows[-1] == '' else self.rows
+        text = ''.join(line.rstrip() + '\n' for line, redrawn in zip(rows, self.redrawn) if not redrawn or line.strip())
+        if text:
+            self.log.write(text)
+            self.provisional = True
+        self.log.flush()
+
+    def drop_provisional(self) -> None:
+        if self.provisional:
+            self.log.truncate(self.committed)
+            self.log.seek(self.committed)
+            self.provisional = False
 
     def move_to(self, row: int) -> None:
         while row >= len(self.rows):
@@ -175,6 +199,8 @@ class TerminalLines:
     def commit(self, end: int) -> None:
         """Write the rows above `end`; a row that a redraw left blank is no line."""
         end = min(end, len(self.rows))
+        if self.durable and end > 0:
+            self.drop_provisional()
         for line, redrawn in zip(self.rows[:max(end, 0)], self.redrawn):
             if not redrawn:
                 self.log.write(line + '\n')
@@ -183,12 +209,17 @@ class TerminalLines:
         if end > 0:
             del self.rows[:end], self.redrawn[:end]
             self.row -= end
+            if self.durable:
+                self.log.flush()
+                self.committed = self.log.tell()
 
     def close(self) -> None:
         """Everything left, except the empty row the cursor waits on after the last newline."""
         if self.rows[-1] == '':
             self.rows.pop()
             self.redrawn.pop()
+        if self.durable:
+            self.drop_provisional()
         self.commit(len(self.rows))
         self.rows, self.redrawn, self.row, self.col = [''], [False], 0, 0
         self.log.flush()
@@ -235,7 +266,8 @@ def run_log(path: str, preamble: str = ''):
     saved = sys.stdout, sys.stderr
     with open(path, 'a', encoding='utf-8') as log:
         log.write(preamble)
-        screen = TerminalLines(log)
+        log.flush()
+        screen = TerminalLines(log, durable=True)
         sys.stdout, sys.stderr = TeeToLog(sys.stdout, screen), TeeToLog(sys.stderr, screen)
         try:
             yield

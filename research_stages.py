@@ -25,6 +25,7 @@ on a stage's verified files and this machine alone: its zipped size and peak mem
 """
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -39,8 +40,9 @@ from transformers import set_seed
 
 from research_errors import UsageError
 from research_faults import disk_full_refusal, is_disk_full, stage_space_estimate
-from research_files import (checksum_problems, copy_file_unshared, folder_checksums, folder_size, owner_is_dead,
-                            owner_record, remove_abandoned_temporaries, remove_entry, write_json_atomically)
+from research_files import (checksum_problems, copy_file_unshared, folder_checksums, folder_size, lock_holders,
+                            owner_is_dead, owner_record, remove_abandoned_temporaries, remove_entry, unrecorded_entries,
+                            write_json_atomically)
 
 COMPLETE_MARKER = 'STAGE_COMPLETE'
 STAGE_FORMAT = 4  # bump when what a stored stage holds or how it is keyed changes, so older stores are not misread
@@ -145,6 +147,53 @@ class StageLock:
 
 
 # ---------------------------------------------------------------------------------------------
+# Stages in use: a shared lock for as long as a run uses a stage, an exclusive one to remove it
+# ---------------------------------------------------------------------------------------------
+
+_uses: Dict[str, int] = {}   # use-lock path -> the descriptor this process holds it (shared) through
+
+
+def hold_use(path: str) -> None:
+    """Hold the use-lock `path` shared (every run that uses a stage does, until it ends): the stage is not
+    removed while it is held, by a rebuild (--no_reuse_stages, a failed check) or by --cache_prune_older_than."""
+    if path not in _uses:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        _uses[path] = fd
+
+
+def take_use_exclusively(path: str, label: str, wait: bool = True) -> Optional[int]:
+    """The use-lock `path` held exclusively (this process's own shared hold given up first): no other live run
+    uses the stage. Waits, saying who uses it, unless `wait` is false (then None when it is in use)."""
+    release_use(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        if not wait:
+            os.close(fd)
+            return None
+    holders = ', '.join(f'pid {pid}' for pid in lock_holders(path)) or 'another run'
+    print(f'[store] stage {label} is in use by {holders} (evaluating or exporting it): waiting for it to finish '
+          'before the stage is removed and rebuilt')
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def release_use(path: str) -> None:
+    fd = _uses.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def release_stage_uses() -> None:
+    """Give up every stage this process uses (at the end of a run; a process that ends gives them up anyway)."""
+    for path in list(_uses):
+        release_use(path)
+
+
+# ---------------------------------------------------------------------------------------------
 # The store
 # ---------------------------------------------------------------------------------------------
 
@@ -175,6 +224,24 @@ class StageStore:
         os.makedirs(os.path.join(self.root, LOCK_FOLDER), exist_ok=True)
         return StageLock(os.path.join(self.root, LOCK_FOLDER, f'{kind}-{key}.lock'), f'{kind}-{key}')
 
+    def use_lock(self, kind: str, key: str) -> str:
+        os.makedirs(os.path.join(self.root, LOCK_FOLDER), exist_ok=True)
+        return os.path.join(self.root, LOCK_FOLDER, f'{kind}-{key}.use')
+
+    @contextlib.contextmanager
+    def sole_user(self, kind: str, key: str) -> Iterator[None]:
+        """While a stage folder is removed and produced again (call with its stage lock held): no other live run
+        uses it (waiting until none does); afterwards this run uses the new stage (shared)."""
+        path = self.use_lock(kind, key)
+        fd = take_use_exclusively(path, f'{kind}-{key}')
+        try:
+            yield
+            fcntl.flock(fd, fcntl.LOCK_SH)   # not atomic, but no other run can take it: we hold the stage lock
+            _uses[path], fd = fd, None
+        finally:
+            if fd is not None:
+                os.close(fd)
+
     @contextlib.contextmanager
     def locked(self, kind: str, key: str) -> Iterator[None]:
         """Hold the stage's lock (waiting while another run holds it)."""
@@ -201,16 +268,25 @@ class StageStore:
 
     def problem(self, kind: str, key: str) -> Optional[str]:
         """Why the stored stage cannot be trusted (None when it can): its record is unreadable or has no
-        checksums, or a file differs from its checksum."""
+        checksums, it names another stage (its kind and key must be this folder's, the requested ones), a file of
+        the folder is not in it (every file must be, or the unlisted one would go unchecked), or a file differs
+        from its checksum."""
         record = self.completion_record(kind, key)
         if not record or not isinstance(record.get('files'), dict) or META_FILE not in record['files']:
             return 'its completion record is unreadable or has no checksums (written by an older version?)'
+        if (record.get('kind'), record.get('key')) != (kind, key):
+            return (f"its completion record belongs to stage {record.get('kind')}-{record.get('key')}, not to this "
+                    'folder (copied from another stage?)')
+        unlisted = unrecorded_entries(self.path(kind, key), record['files'], exclude=(COMPLETE_MARKER,))
+        if unlisted:
+            return (f'{unlisted[0]} is not in its completion record' + (f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1
+                                                                      else '') + ', so its files cannot all be checked')
         problems = checksum_problems(self.path(kind, key), record['files'])
         return problems[0] + (f' (and {len(problems) - 1} more)' if len(problems) > 1 else '') if problems else None
 
     def load(self, kind: str, key: str) -> Optional[StageNode]:
-        """The stored stage, verified against its checksums; a stage that fails is removed (with one line
-        saying why) and None is returned, so it is rebuilt. Call with the stage's lock held."""
+        """The stored stage, verified against its checksums; for a stage that fails, one line says why and None
+        is returned, so it is rebuilt (begin() removes it). Call with the stage's lock held."""
         if self.completion_record(kind, key) is None:
             return None
         path = self.path(kind, key)
@@ -223,8 +299,7 @@ class StageStore:
                 problem = f'{META_FILE} is unreadable ({type(exc).__name__})'
         if problem is not None:
             print(f'[store] stage {kind}-{key}: {problem}: rebuilding')
-            remove_entry(path)
-            return None
+            return None             # removed by begin(), once no other live run uses it
         os.utime(os.path.join(path, COMPLETE_MARKER))      # last use, for --cache_report and pruning
         return StageNode(kind, key, path, meta, reused=True)
 
@@ -329,11 +404,13 @@ class StageStore:
             print(f'\n[plan] stage {self.visited} of {self.planned} distinct{where}: {kind} ({key}) - '
                   + ('reusing the stored stage' if node else 'running'))
             if node is None:
-                set_seed(seed)
-                started = time.time()
-                folder = self.begin(kind, key)
-                with self.disk_full_refused(kind, key, made_from):
-                    node = self.complete(kind, key, produce(folder), identity, time.time() - started)
+                with self.sole_user(kind, key):   # never removes a stage another live run uses
+                    set_seed(seed)
+                    started = time.time()
+                    folder = self.begin(kind, key)
+                    with self.disk_full_refused(kind, key, made_from):
+                        node = self.complete(kind, key, produce(folder), identity, time.time() - started)
+            hold_use(self.use_lock(kind, key))   # used by this run until it ends: never removed under it
         self.events.append({'kind': kind, 'key': key, 'reused': node.reused})
         self.nodes[key] = node
         return node
@@ -406,8 +483,12 @@ class StageStore:
             if not lock.try_acquire():
                 continue
             try:
-                remove_entry(row['path'])
-                removed.append(row)
+                use = take_use_exclusively(self.use_lock(row['kind'], row['key']), f"{row['kind']}-{row['key']}",
+                                           wait=False)
+                if use is not None:              # no live run uses it
+                    remove_entry(row['path'])
+                    removed.append(row)
+                    os.close(use)
             finally:
                 lock.release()
         return removed

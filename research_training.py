@@ -27,6 +27,7 @@ from research_errors import UsageError
 from research_eval import quality_metrics
 from research_files import file_is_whole
 from research_inference import INFO_FILE, save_hf, sigmoid
+from research_model_folders import check_checkpoint_folder, check_model_folder
 from research_models import (check_model_source, linear_weight_roles, load_encoder_for_classification,
                              load_fine_tuned_classifier, load_tokenizer, model_inputs)
 from research_vocab import check_trimmable, trim_vocabulary
@@ -334,8 +335,10 @@ def validate(args) -> None:
                          'To skip teacher training, pass an already fine-tuned classifier with --teacher_checkpoint.')
     check_report_to(args.report_to)
     if args.teacher_checkpoint:
+        check_checkpoint_folder(args.teacher_checkpoint, args.label_columns)   # whole, trained head, the run's labels
         check_model_source(args.teacher_checkpoint, args.max_length, '--teacher_checkpoint')
     else:
+        check_model_folder(args.teacher_path, '--teacher_path')   # config, whole weights and a real tokenizer
         check_model_source(args.teacher_path, args.max_length, '--teacher_path')
 
 

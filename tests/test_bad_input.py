@@ -154,7 +154,7 @@ BAD_INPUTS = [
     ('seeds_not_numbers', '--seeds takes int values', lambda t, d: {'seeds': 'a,b'}),
     # models
     ('teacher_folder_missing', "--teacher_path '", lambda t, d: {'teacher_path': str(t / 'no_such_model')}),
-    ('teacher_folder_without_weights', 'needs config.json, the weights', lambda t, d: {'teacher_path': model_without_weights(t, d)}),
+    ('teacher_folder_without_weights', 'has no weights (model.safetensors', lambda t, d: {'teacher_path': model_without_weights(t, d)}),
     # folders
     ('output_dir_is_a_file', "--output_dir '", lambda t, d: {'output_dir': write_bytes(t / 'a_file', b'x')}),
     ('output_dir_below_a_file', 'is a file, not a folder', lambda t, d: {'output_dir': os.path.join(write_bytes(t / 'f', b'x'), 'out')}),
@@ -313,7 +313,7 @@ def test_model_folder_without_weights_exits_2(tmp_path, capsys, tiny_teacher_dir
         if name.endswith(('.safetensors', '.bin')):
             os.remove(folder / name)
     code, err = run_and_capture(capsys, args_for(tmp_path, str(folder)))
-    assert code == 2 and 'needs config.json, the weights' in err
+    assert code == 2 and 'has no weights (model.safetensors' in err
 
 
 @pytest.mark.parametrize('split', ['training', 'validation', 'test'])
