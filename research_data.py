@@ -219,7 +219,7 @@ def prepare_data(dataset_path: str, text_column: str, label_columns: Sequence[st
     stats['rows_used'] = len(texts)
     train_idx, val_idx, test_idx = split_indices(labels, num_folds, eval_fold, val_fraction, seed)
     print(f'[data] using {len(texts)} texts: train {len(train_idx)}, validation {len(val_idx)}, test {len(test_idx)} '
-          f'(fold {eval_fold} of {num_folds})')
+          f'(fold {eval_fold + 1}/{num_folds})')
     check_label_coverage(labels, list(label_columns), {'training': train_idx, 'validation': val_idx, 'test': test_idx},
                          eval_fold, num_folds)
     split = {'num_folds': num_folds, 'seed': seed, 'data_fraction': data_fraction, 'val_fraction': val_fraction}
@@ -251,7 +251,7 @@ def check_label_coverage(labels: np.ndarray, label_names: Sequence[str], splits:
             raise UsageError(f"Label '{name}' is never {value} in the {total} texts used, so no model can learn or be "
                              f'scored on it. Drop it from --label_columns (e.g. --label_columns '
                              f"{','.join(n for n in label_names if n != name) or 'OTHER'}), or use data that has both values.")
-    where = 'the 80/20 split' if num_folds == 1 else f'test fold {fold} of {num_folds}'
+    where = 'the 80/20 split' if num_folds == 1 else f'test fold {fold + 1}/{num_folds}'
     for split, idx in splits.items():
         missing = [name for j, name in enumerate(label_names) if labels[idx, j].sum() == 0]
         if missing:

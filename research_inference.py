@@ -190,12 +190,24 @@ def unpack_matmul_nbits_codes(packed: np.ndarray, k: int) -> np.ndarray:
     return codes.astype(np.int8) - 8
 
 
+def kept_stages_hint(model_dir: str) -> str:
+    """What to pass instead: a run keeps only its final stage unless --save_all_stages, so a missing
+    `stages/kd` usually means the run never saved it."""
+    stages = os.path.dirname(os.path.abspath(model_dir.rstrip('/')))
+    kept = sorted(n for n in os.listdir(stages) if os.path.isfile(os.path.join(stages, n, INFO_FILE))) \
+        if os.path.basename(stages) == 'stages' and os.path.isdir(stages) else []
+    if kept and not os.path.exists(model_dir):
+        return (f"That run kept only {', '.join(kept)} in {stages}: a run saves its final stage alone unless run with "
+                '--save_all_stages (re-running with it reuses every stored stage, nothing trains again).')
+    return 'Pass a stage folder such as <output_dir>/stages/quant.'
+
+
 def read_info(model_dir: str) -> dict:
     """The folder's compression_info.json, refused by name when it is missing, damaged or lacks what loading needs."""
     path = os.path.join(model_dir, INFO_FILE)
     if not os.path.isfile(path):
-        raise UsageError(f"'{model_dir}' is not a model folder saved by this tool (no {INFO_FILE}). Pass a stage folder "
-                         'such as <output_dir>/stages/quant.')
+        raise UsageError(f"'{model_dir}' is not a model folder saved by this tool (no {INFO_FILE}). "
+                         + kept_stages_hint(model_dir))
     try:
         with open(path, encoding='utf-8') as fh:
             info = json.load(fh)

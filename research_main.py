@@ -46,7 +46,7 @@ from research_output_guard import hold_output_folder, release_output_folder
 from research_output import CONFIG_JSON, RUN_LOG, STAGE_LOG, captured_output, prepare_output_dir, run_log, show_progress_bars
 from research_plots import write_plots
 from research_search import run_search
-from research_results import (export_stage_models, final_stage_row, format_stage_table, summarize_runs,
+from research_results import (compact_summary, export_stage_models, final_stage_row, format_stage_table, summarize_runs,
                               write_pipeline_results, write_summary)
 from research_stage_locks import release_stage_uses
 from research_stages import WORK_DIR, StageNode, StageStore, stage_key
@@ -131,6 +131,20 @@ def run_chain(store: StageStore, pipeline: str, data, settings, label: str) -> L
     return nodes
 
 
+def stage_names(nodes: Dict[str, List[StageNode]]) -> Dict[str, str]:
+    """Stage key -> the name people read: `teacher` for the run's teacher, else `<pipeline>/<stage>` of the
+    first pipeline that has it (`+N` when N more share it)."""
+    users: Dict[str, List[str]] = {}
+    for pipeline, chain in nodes.items():
+        for node in chain:
+            users.setdefault(node.key, []).append(f'{pipeline}/{STAGES[node.kind].name}')
+    def name(shared_by: List[str]) -> str:
+        if shared_by[0].endswith('/baseline'):
+            return 'teacher'
+        return shared_by[0] + (f' (+{len(shared_by) - 1})' if len(shared_by) > 1 else '')
+    return {key: name(shared_by) for key, shared_by in users.items()}
+
+
 def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> Dict[str, List[Dict]]:
     """Every distinct stage loaded back from disk and measured: quality, size and weights one by one, peak
     memory in a fresh process per stage, then the latency of all stages together in interleaved rounds in this
@@ -149,12 +163,15 @@ def evaluate_side_by_side(nodes: Dict[str, List[StageNode]], data, settings) -> 
     paths = {node.key: node.path for chain in nodes.values() for node in chain}
     for key, peak in peak_memory_of_stages(paths, data, settings).items():
         measured[key].update(peak)
+    names = stage_names(nodes)   # 'kd_prune_quant/quant' in every line and warning, not a hash
     for teacher_key in {chain[0].key for chain in nodes.values()}:
-        group = {n.key: n.path for chain in nodes.values() if chain[0].key == teacher_key for n in chain}
-        for key, latency in measure_side_by_side(group, teacher_key, data, settings, parents).items():
-            measured[key].update(latency)
-    for result in measured.values():
-        print(f'[eval] {result["stage"]}: macro-F1 {result["f1_macro"]:.4f}, {result["size_mb"]:.2f} MB on disk '
+        group = {names[n.key]: n.path for chain in nodes.values() if chain[0].key == teacher_key for n in chain}
+        named_parents = {names[k]: v for k, v in parents.items() if names[k] in group}
+        keys = {names[n.key]: n.key for chain in nodes.values() for n in chain}
+        for name, latency in measure_side_by_side(group, names[teacher_key], data, settings, named_parents).items():
+            measured[keys[name]].update(latency)
+    for key, result in measured.items():
+        print(f'[eval] {names[key]}: macro-F1 {result["f1_macro"]:.4f}, {result["size_mb"]:.2f} MB on disk '
               f'({result["size_mb_compressed"]:.2f} MB zipped), p50 {result["latency_ms_p50"]:.2f} ms, '
               f'{result["speedup"]:.2f}x [{result["speedup_ci_low"]:.2f}, {result["speedup_ci_high"]:.2f}] the teacher '
               f'(batch {settings.latency_batch_size} x {settings.max_length} tokens, {settings.latency_threads} '
@@ -201,7 +218,7 @@ def run_plan(args, pipelines: List[str], folds: Dict[int, object]) -> Tuple[List
 
 
 def split_note(runs: List[Run]) -> str:
-    parts = sorted({f'fold {r.data.fold} (test split hash {r.data.test_split_hash}, {len(r.data.test_idx)} texts)' for r in runs})
+    parts = sorted({f'fold {r.data.fold + 1} (test split hash {r.data.test_split_hash}, {len(r.data.test_idx)} texts)' for r in runs})
     return '; '.join(parts)
 
 
@@ -222,7 +239,7 @@ def write_outputs(args, pipelines: List[str], runs: List[Run], events: List[Dict
     summary = summarize_runs(rows)
     write_summary(summary, args.output_dir, args.label_columns, split_note(runs))
     write_plots(summary, args.output_dir, args.label_columns)
-    print('\n' + open(os.path.join(args.output_dir, 'ablation_summary.md'), encoding='utf-8').read())
+    print('\n' + compact_summary(summary))
 
 
 @contextlib.contextmanager

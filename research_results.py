@@ -14,12 +14,13 @@ from research_files import fresh_folder_inside, write_json_atomically, written_a
 from research_inference import set_threshold
 from research_output import RESULTS_CSV, RESULTS_JSON
 from research_stages import copy_stage
-from research_stat_tables import STATISTICS_FIELDS, between_run_intervals, interval_legend, quality_cell
+from research_stat_tables import STATISTICS_FIELDS, between_run_intervals, interval_legend, mean_std_cell, quality_cell
 from research_stats import significance_legend, significance_mark, with_interval
 
 SUMMARY_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'size_mb_compressed',
                    'compression_ratio', 'compression_ratio_compressed', 'params_nonzero', 'sparsity_overall',
-                   'latency_ms_p50', 'speedup', 'speedup_iqr', 'peak_memory_mb']
+                   'latency_ms_p50', 'speedup', 'speedup_iqr', 'speedup_ci_low', 'speedup_ci_high', 'latency_noisy',
+                   'peak_memory_mb']
 DELTA_METRICS = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match', 'size_mb', 'latency_ms_p50']
 
 
@@ -150,21 +151,13 @@ def summarize_runs(rows: List[Dict]) -> pd.DataFrame:
     return summary.loc[order].reset_index()
 
 
-def _cell(value, std=None, spec='.4f'):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return '-'
-    text = format(value, spec)
-    if std is not None and not (isinstance(std, float) and math.isnan(std)):
-        text += f' ± {format(std, spec)}'
-    return text
-
-
 def summary_markdown(summary: pd.DataFrame, label_names: Sequence[str], split_note: str) -> str:
     with_intervals = ['f1_macro', 'f1_weighted', 'f1_micro', 'exact_match']
     columns = [('f1_macro', '.4f'), ('delta_f1_macro', '+.4f'), ('f1_weighted', '.4f'), ('f1_micro', '.4f'),
                ('exact_match', '.4f'), ('size_mb', '.2f'), ('size_mb_compressed', '.2f'), ('compression_ratio', '.2f'),
                ('compression_ratio_compressed', '.2f'), ('params_nonzero', ',.0f'), ('sparsity_overall', '.1%'),
-               ('latency_ms_p50', '.2f'), ('speedup', '.2f'), ('speedup_iqr', '.2f'), ('peak_memory_mb', '.1f')]
+               ('latency_ms_p50', '.2f'), ('speedup', '.2f'), ('speedup_iqr', '.2f'),
+               ('latency_noisy', '.0%'), ('peak_memory_mb', '.1f')]
     columns += [(f'f1_{label}', '.3f') for label in label_names]
     header = ['pipeline', 'runs'] + [c for c, _ in columns]
     lines = [f'Scored on {split_note}. Cells are mean ± std over runs where there are several; deltas are against '
@@ -174,10 +167,24 @@ def summary_markdown(summary: pd.DataFrame, label_names: Sequence[str], split_no
              '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for _, row in summary.iterrows():
         cells = [row['pipeline'], str(int(row['runs']))]
-        cells += [quality_cell(row, c) if c in with_intervals else _cell(row.get(c), row.get(f'{c}_std'), spec)
+        cells += [quality_cell(row, c) if c in with_intervals else mean_std_cell(row.get(c), row.get(f'{c}_std'), spec)
                   for c, spec in columns]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines) + '\n'
+
+
+def compact_summary(summary: pd.DataFrame) -> str:
+    """The ablation summary as printed: one short row per pipeline (the full table is ablation_summary.md/.csv);
+    `!` marks a speed-up whose timing did not converge in some run."""
+    lines = [f'{"pipeline":<16} {"runs":>4} {"macro-F1 [95% CI]":>26} {"size MB":>8} {"x smaller":>9} {"x faster":>9}']
+    for _, row in summary.iterrows():
+        noisy = '!' if (row.get('latency_noisy') or 0) > 0 else ''
+        lines.append(f'{row["pipeline"]:<16} {int(row["runs"]):>4} {quality_cell(row, "f1_macro"):>26} '
+                     f'{mean_std_cell(row.get("size_mb"), spec=".2f"):>8} '
+                     f'{mean_std_cell(row.get("compression_ratio"), spec=".2f"):>9} '
+                     f'{mean_std_cell(row.get("speedup"), spec=".2f") + noisy:>9}')
+    lines.append('Full table (every metric, per label, spreads): ablation_summary.md; ! = timing did not converge.')
+    return '\n'.join(lines)
 
 
 def write_summary(summary: pd.DataFrame, output_dir: str, label_names: Sequence[str], split_note: str,

@@ -44,7 +44,7 @@ def quality_cell(row, metric: str = 'f1_macro') -> str:
     significant = row.get('significant_runs') == runs if runs > 1 else row.get('significant_vs_baseline') == 1
     mark = SIGNIFICANCE_MARK if significant and metric == 'f1_macro' else ''
     if runs > 1:
-        text = _cell(row.get(metric), row.get(f'{metric}_std'))
+        text = mean_std_cell(row.get(metric), row.get(f'{metric}_std'))
         low, high = row.get(f'{metric}_mean_ci_low'), row.get(f'{metric}_mean_ci_high')
         return (text + (f' [{low:.3f}, {high:.3f}]' if _finite(low) and _finite(high) else '') + mark)
     return with_interval(row.get(metric), _finite_or_none(row.get(f'{metric}_ci_low')),
@@ -59,12 +59,13 @@ def _finite_or_none(value):
     return value if _finite(value) else None
 
 
-def _cell(value, std=None, spec='.4f'):
+def mean_std_cell(value, std=None, spec='.4f'):
+    """`0.4615 ± 0.0172`: a spread has no sign, even where the value carries one (`+.4f` deltas)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return '-'
     text = format(value, spec)
     if std is not None and not (isinstance(std, float) and math.isnan(std)):
-        text += f' ± {format(std, spec)}'
+        text += f' ± {format(std, spec.replace("+", ""))}'
     return text
 
 

@@ -109,7 +109,7 @@ BAD_INPUTS = [
     ('label_positive_once', 'has no positive text for label(s) religious', lambda t, d: {'dataset_path': csv_with(t, lambda f: one_positive(f, 'religious'))}),
     # splits
     ('too_few_rows', 'too few for 5 fold(s)', lambda t, d: {'dataset_path': csv_with(t, lambda f: f.head(6)), 'num_folds': 5}),
-    ('twelve_rows_five_folds', 'validation split (test fold 0 of 5: 1 text)', lambda t, d: {'dataset_path': csv_with(t, lambda f: f.head(12)), 'num_folds': 5}),
+    ('twelve_rows_five_folds', 'validation split (test fold 1/5: 1 text)', lambda t, d: {'dataset_path': csv_with(t, lambda f: f.head(12)), 'num_folds': 5}),
     ('data_fraction_tiny', '--data_fraction 0.001 keeps 0 of the', lambda t, d: {'data_fraction': 0.001}),
     ('data_fraction_zero', '--data_fraction must be in (0, 1]', lambda t, d: {'data_fraction': 0}),
     ('data_fraction_above_one', '--data_fraction must be in (0, 1]', lambda t, d: {'data_fraction': 1.5}),
@@ -331,5 +331,5 @@ def test_a_label_without_a_positive_in_a_split_is_refused_by_name(split):
     with pytest.raises(UsageError) as exc:
         check_label_coverage(labels, ['bully', 'threat'], splits, fold=0, num_folds=5)
     message = str(exc.value)
-    assert f'The {split} split (test fold 0 of 5' in message and 'label(s) threat' in message
+    assert f'The {split} split (test fold 1/5' in message and 'label(s) threat' in message
     assert 'drop the label from --label_columns' in message and '--num_folds' in message and '--data_fraction' in message

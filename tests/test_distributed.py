@@ -129,7 +129,7 @@ def add_callback_to_every_trainer(monkeypatch, module, callback_class):
 def fake_checkpoint(work, step, complete=True):
     path = work / f'checkpoint-{step}'
     os.makedirs(path)
-    (path / 'optimizer.pt').write_bytes(b'state')
+    torch.save({'state': 1}, path / 'optimizer.pt')   # a whole torch.save file (a zip), as the Trainer writes
     if complete:
         (path / 'trainer_state.json').write_text(json.dumps({'epoch': 1.0, 'global_step': step}))
     return str(path)

@@ -87,3 +87,13 @@ def test_the_process_exits_2_without_a_traceback_on_a_truncated_onnx(tmp_path, o
     proc = subprocess.run([sys.executable, os.path.join(ROOT, 'research_inference.py'), folder, 'text'],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr and path in proc.stderr, proc.stderr
+
+
+def test_a_stage_the_run_did_not_keep_is_named_with_the_way_to_keep_it(tmp_path, capsys):
+    """`stages/kd` of a run without --save_all_stages: the message names the stages the run kept and the flag."""
+    kept = tmp_path / 'stages' / 'quant'
+    kept.mkdir(parents=True)
+    (kept / 'compression_info.json').write_text(json.dumps({'stage': 'quant'}), encoding='utf-8')
+    assert inference_main(['predict', str(tmp_path / 'stages' / 'kd'), 'x']) == 2
+    err = capsys.readouterr().err
+    assert 'kept only quant' in err and '--save_all_stages' in err

@@ -49,7 +49,9 @@ def test_output_contract(pipeline_runs, pipeline):
         missing = [k for k in STAGE_KEYS if k not in stage]
         assert not missing, (stage['stage'], missing)
         assert set(stage['per_label']) == set(LABELS)
-        assert set(stage['per_label']['bully']) == {'precision', 'recall', 'f1', 'roc_auc'}
+        assert set(stage['per_label']['bully']) == {'precision', 'recall', 'f1', 'roc_auc', 'f1_ci_low', 'f1_ci_high'}
+        assert stage['per_label']['bully']['f1_ci_low'] <= stage['per_label']['bully']['f1'] <= \
+            stage['per_label']['bully']['f1_ci_high']
         assert stage['size_mb'] > 0 and stage['latency_ms_p50'] > 0
     assert results['stages'][0]['compression_ratio'] == pytest.approx(1.0)
     for stage in results['stages']:
