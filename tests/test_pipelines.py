@@ -66,7 +66,7 @@ def test_output_contract(pipeline_runs, pipeline):
     assert config['pipeline'] == pipeline and config['pipelines'] == [pipeline] and config['teacher_checkpoint']
     with open(os.path.join(out, 'run.log'), encoding='utf-8') as fh:
         log = fh.read()
-    assert 'COMPRESSION CONFIGURATION' in log and '[eval] baseline' in log and '[done]' in log
+    assert 'COMPRESSION CONFIGURATION' in log and '[eval] teacher' in log and '[done]' in log
 
 
 @pytest.mark.parametrize('pipeline', PIPELINES)
