@@ -102,3 +102,25 @@ def teacher_checkpoint(tmp_path_factory, tiny_teacher_dir):
     code = run_cli(fast_args(out, pipeline='baseline', teacher_path=tiny_teacher_dir, cache_dir=cache, teacher_epochs=3))
     assert code == 0
     return os.path.join(str(out), 'stages', 'baseline')
+
+
+class FakeClock:
+    """Stands in for the `time` module inside research_latency: stubs advance it by exact amounts."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A fake clock inside research_latency (the latency tests' stubs advance it)."""
+    import research_latency
+    fake = FakeClock()
+    monkeypatch.setattr(research_latency, 'time', fake)
+    return fake

@@ -12,30 +12,11 @@ import time
 import numpy as np
 import pytest
 
-import research_latency
 from research_errors import UsageError
 from research_latency import (compressed_size_mb, intra_op_threads, make_timer, measure_interleaved,
                               onnxruntime_session_options)
 
 
-class FakeClock:
-    """Stands in for the `time` module inside research_latency: stubs advance it by exact amounts."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    fake = FakeClock()
-    monkeypatch.setattr(research_latency, 'time', fake)
-    return fake
 
 
 def sequence_stub(clock, seconds):

@@ -9,28 +9,9 @@ import time
 import numpy as np
 import pytest
 
-import research_latency
 from research_latency import MIN_CYCLES, bootstrap_median_interval, measure_interleaved
 
 
-class FakeClock:
-    """Stands in for the `time` module inside research_latency: stubs advance it by exact amounts."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-@pytest.fixture
-def clock(monkeypatch):
-    fake = FakeClock()
-    monkeypatch.setattr(research_latency, 'time', fake)
-    return fake
 
 
 def lognormal_stub(clock, median_s, sigma, rng):
