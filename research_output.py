@@ -6,6 +6,7 @@ writes there, the run log (stdout and stderr replayed as a terminal shows them) 
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -259,19 +260,48 @@ def captured_output():
         screen.close()
 
 
+def _stream_handlers():
+    """Every logging.StreamHandler of every logger (transformers', datasets', ...)."""
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    # 'stream' in vars(h): a handler that holds its stream (the last-resort handler reads sys.stderr each time)
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler) and 'stream' in vars(h)]
+
+
+def _log_handlers_to(tees) -> list:
+    """Point every stream handler that writes to the process's stdout or stderr at the tee of that stream;
+    returns (handler, its stream) to restore. A library's handler holds the stream it found when it was made
+    (transformers' holds the real stderr), so swapping sys.stderr alone would keep its lines out of run.log."""
+    moved = []
+    for handler in _stream_handlers():
+        for tee, streams in zip(tees, ((sys.stdout, sys.__stdout__), (sys.stderr, sys.__stderr__))):
+            if any(handler.stream is stream for stream in streams):
+                moved.append((handler, handler.setStream(tee)))
+                break
+    return moved
+
+
 @contextlib.contextmanager
 def run_log(path: str, preamble: str = ''):
     """Tee stdout and stderr into `path` (appended, after `preamble`) as a terminal finally shows them,
-    restoring both afterwards."""
+    libraries' log lines included, restoring both afterwards."""
     saved = sys.stdout, sys.stderr
     with open(path, 'a', encoding='utf-8') as log:
         log.write(preamble)
         log.flush()
         screen = TerminalLines(log, durable=True)
-        sys.stdout, sys.stderr = TeeToLog(sys.stdout, screen), TeeToLog(sys.stderr, screen)
+        tees = TeeToLog(sys.stdout, screen), TeeToLog(sys.stderr, screen)
+        moved = _log_handlers_to(tees)
+        sys.stdout, sys.stderr = tees
         try:
             yield
         finally:
+            for handler, stream in moved:     # back to the stream each held
+                handler.setStream(stream)
+            teed = {id(tee): stream for tee, stream in zip(tees, saved)}
+            for handler in _stream_handlers():     # made during the run, it found a tee: never a closed log
+                if id(handler.stream) in teed:
+                    handler.setStream(teed[id(handler.stream)])
             sys.stdout, sys.stderr = saved
             screen.close()
 

@@ -44,8 +44,8 @@ from research_inference import load_compressed_model
 from research_models import folder_fingerprint
 from research_output import CONFIG_JSON, RUN_LOG, STAGE_LOG, prepare_output_dir, run_log, show_progress_bars
 from research_search_report import bootstrap_interval, write_search_outputs
-from research_search_space import (choose, corner_choices, describe, load_space, pipeline_of, space_lines,
-                                   trial_settings)
+from research_search_space import (choose, corner_choices, describe, load_space, most_compressed_choices,
+                                   pipeline_of, space_lines, trial_settings)
 from research_stages import StageStore
 from research_training import resumable_checkpoint
 
@@ -55,6 +55,7 @@ OPTUNA_IMPORT_NOTE = 'optuna is imported only when --search runs'
 SEARCH_JOURNAL = 'search_study.journal'   # the default study, in --output_dir (kept across runs: not a TOOL_OUTPUT)
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 600.0                      # a trial of another host without a heartbeat for this long is dead
+MOST_COMPRESSED = 'most_compressed'        # the anchor trial enqueued after the eight pipelines
 REUSED_NAMES = {'teacher': 'teacher', 'kd': 'student', 'prune': 'pruned model', 'quant': 'quantized model'}
 
 
@@ -160,8 +161,8 @@ def recover_stale_trials(study) -> int:
             study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         except Exception:      # another process recovered it first (or its owner finished after all)
             continue
-        study.enqueue_trial(trial.params, user_attrs={'retry_of': trial.number, **(
-            {'corner': trial.user_attrs['corner']} if 'corner' in trial.user_attrs else {})})
+        study.enqueue_trial(trial.params, user_attrs={'retry_of': trial.number, **{
+            k: trial.user_attrs[k] for k in ('corner', 'anchor') if k in trial.user_attrs}})
         owner = trial.user_attrs.get('owner') or {}
         print(f'[search] trial {trial.number} was left running by pid {owner.get("pid")} on {owner.get("host")}, '
               'which is gone: marked failed, its settings queued again')
@@ -169,11 +170,13 @@ def recover_stale_trials(study) -> int:
     return recovered
 
 
-def enqueue_corners(study, args) -> None:
+def enqueue_corners(study, args, space: Dict) -> None:
     """The eight pipelines with the command line's settings, first (once per study), so the search never ends
-    worse than the ablation under the same budget."""
+    worse than the ablation under the same budget; then the space's most compressed setting."""
     for pipeline in PIPELINE_CONFIGS:
         study.enqueue_trial(corner_choices(args, pipeline), user_attrs={'corner': pipeline}, skip_if_exists=True)
+    study.enqueue_trial(most_compressed_choices(space, args), user_attrs={'anchor': MOST_COMPRESSED},
+                        skip_if_exists=True)
 
 
 def progress(study) -> int:
@@ -358,6 +361,10 @@ def one_trial(study, ctx: SearchContext) -> None:
         best_before = best_feasible_value(study, exclude=trial.number)
         study.tell(trial, record['val_f1_macro'])
     print(trial_line(finished(study), trial.number, ctx.args, record, best_before))
+    if trial.user_attrs.get('anchor') == MOST_COMPRESSED and not record['feasible']:
+        missed = [n[len('budget_'):] for (n, _), c in zip(budget_list(ctx.args), record['constraints']) if c > 0]
+        print(f'[search] the most compressed setting of the space misses the {" and ".join(missed)} budget: few or '
+              'no trials can meet it; widen the space (--search_space) or the budget')
 
 
 def run_trials(study, ctx: SearchContext) -> int:
@@ -408,7 +415,7 @@ def run_search(args, run_chain: Callable, stage_keys: Callable) -> int:
         remove_abandoned_temporaries(args.cache_dir)
         study = open_study(args)
         recover_stale_trials(study)
-        enqueue_corners(study, args)
+        enqueue_corners(study, args, space)
         ctx = SearchContext(args, space, data, store, run_chain, stage_keys)
         ran = run_trials(study, ctx)
         write_json_atomically(os.path.join(args.output_dir, STAGE_LOG), store.events)

@@ -22,6 +22,7 @@ from research_cards import write_model_card
 from research_plots import pareto_front
 from research_search_space import SEARCH_SETTINGS, trial_settings
 from research_stages import copy_stage
+from research_stats import percentile_interval, resample_counts, resampled_f1_metrics
 
 TRIALS_CSV = 'search_trials.csv'
 PARETO_MD = 'search_pareto.md'
@@ -32,18 +33,12 @@ SEARCH_OUTPUTS = (TRIALS_CSV, PARETO_MD, PARETO_PNG, BEST_DIR)
 BOOTSTRAP_ROUNDS = 1000
 
 
-def bootstrap_interval(labels: np.ndarray, predictions: np.ndarray, seed: int = 0, rounds: int = BOOTSTRAP_ROUNDS,
-                       level: float = 0.95) -> Tuple[float, float]:
-    """Percentile bootstrap interval of macro-F1 (sklearn's, zero_division=0) over the rows: each round draws
-    as many rows with replacement, counted per label as true/false positives and false negatives at once."""
-    y, p = np.asarray(labels).astype(float), np.asarray(predictions).astype(float)
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(len(y), np.full(len(y), 1.0 / len(y)), size=rounds).astype(float)
-    tp, fp, fn = weights @ (y * p), weights @ ((1 - y) * p), weights @ (y * (1 - p))
-    denominator = 2 * tp + fp + fn
-    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0).mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(f1, [tail, 100 - tail])
+def bootstrap_interval(labels: np.ndarray, predictions: np.ndarray, seed: int = 0,
+                       rounds: int = BOOTSTRAP_ROUNDS) -> Tuple[float, float]:
+    """95 % percentile bootstrap interval of macro-F1 over the rows of a split, computed as every interval of
+    the tool is (research_stats: seeded resamples, counts scored in one matrix product)."""
+    counts = resample_counts(len(labels), rounds, seed)
+    low, high = percentile_interval(resampled_f1_metrics(labels, predictions, counts)['f1_macro'])
     return float(low), float(high)
 
 
@@ -56,7 +51,8 @@ def trial_row(trial) -> Dict:
     chosen = attrs.get('chosen') or trial.params
     owner = attrs.get('owner') or {}
     row = {'trial': trial.number, 'state': trial.state.name, 'pipeline': attrs.get('pipeline'),
-           'description': attrs.get('description'), 'corner': attrs.get('corner'), 'retry_of': attrs.get('retry_of')}
+           'description': attrs.get('description'), 'corner': attrs.get('corner'), 'anchor': attrs.get('anchor'),
+           'retry_of': attrs.get('retry_of')}
     row.update({name: chosen.get(name) for name in SEARCH_SETTINGS})
     row.update({k: attrs.get(k) for k in ('val_f1_macro', 'val_f1_low', 'val_f1_high', 'size_mb', 'speedup',
                                          'speedup_iqr', 'latency_ms_p50', 'latency_noisy', 'feasible')})

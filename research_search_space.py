@@ -230,6 +230,52 @@ def corner_choices(args, pipeline: str) -> Dict[str, object]:
     return chosen
 
 
+# How each setting orders from most to least compressed (a lower rank is smaller and faster); the settings not
+# named here (the KD loss's method, alpha, temperature) change quality, not size or speed.
+# Quantization: int8 dynamic was the fastest on the CPU in BENCHMARKS.md, int4 the smallest but half as fast.
+QUANT_PREFERENCE = ('dynamic', 'static', 'qat', 'int4', 'fp16')
+
+
+def _layer_count(value) -> float:
+    """Layers of a --student_layers value: '2' keeps two, '0,2,5' three; None (--student_path) ranks last."""
+    if value is None:
+        return float('inf')
+    parts = str(value).split(',')
+    return len(parts) if len(parts) > 1 else int(parts[0])
+
+
+COMPRESSION_RANK: Dict[str, Callable[[object], float]] = {
+    'kd': lambda v: not v, 'prune': lambda v: not v, 'quant': lambda v: not v, 'trim_vocab': lambda v: not v,
+    'student_layers': _layer_count,
+    'prune_method': lambda v: v != 'structured',            # the one method that makes the matrices smaller
+    'prune_sparsity': lambda v: -v,
+    'quant_method': lambda v: QUANT_PREFERENCE.index(v) if v in QUANT_PREFERENCE else len(QUANT_PREFERENCE),
+}
+
+
+def _most_compressed_value(name: str, spec) -> object:
+    if isinstance(spec, dict):   # a range: its smaller bound for a layer count, its larger one for a sparsity
+        return spec['low'] if name == 'student_layers' else spec['high']
+    return min(spec, key=COMPRESSION_RANK[name])
+
+
+def most_compressed_choices(space: Dict, args) -> Dict[str, object]:
+    """The space's most compressed trial: every technique it allows, the fewest student layers, a trimmed
+    vocabulary, structured pruning at the highest sparsity, int8; the KD loss keeps the command line's settings.
+    Enqueued after the eight pipelines: it says early whether the budget is within reach of the space at all,
+    and gives the sampler a point in the small, fast corner that random sampling rarely hits (about 1 trial in
+    200 of the default space)."""
+    fixed = command_line_values(args)
+    chosen = {t: _most_compressed_value(t, space[t]) if t in space else fixed[t] for t in TECHNIQUES}
+    for name, setting in SEARCH_SETTINGS.items():
+        runs = chosen[setting.technique] if setting.technique else any(chosen[t] for t in TECHNIQUES)
+        if name in TECHNIQUES or not runs:
+            continue
+        chosen[name] = (_most_compressed_value(name, space[name]) if name in space and name in COMPRESSION_RANK
+                        else fixed[name])
+    return chosen
+
+
 def describe(chosen: Dict[str, object], settings) -> str:
     """The trial in a few words: `kd(L2, logit a0.7 T4, trim) → structured 60 % → int8`."""
     parts = []

@@ -333,10 +333,11 @@ class SearchSettings:
     search: bool = setting(False, "Search the tool's own settings (techniques, student layers, vocabulary trimming, KD, "
                                   'pruning and quantization settings) for the best validation macro-F1 within the '
                                   '--budget_* limits, every trial through the stage store; the eight pipelines with this '
-                                  "command line's settings are the first trials. Writes search_trials.csv, "
+                                  "command line's settings, then the space's most compressed setting, are the first "
+                                  "trials. Writes search_trials.csv, "
                                   'search_pareto.md/.png and search_best/. Not with --run_ablation.',
                            result=False)
-    search_trials: int = setting(24, 'Trials the study should hold (at least 1; the eight pipelines included; failed '
+    search_trials: int = setting(24, 'Trials the study should hold (at least 1; the nine first trials included; failed '
                                      'trials do not count).', low=1, result=False)
     budget_size_mb: Optional[float] = setting(None, "Budget: the final stage's weight files on disk, at most this many MB "
                                                     '(> 0; default: no limit).', low=0.0, low_open=True, result=False)

@@ -3,9 +3,11 @@ debris, Hugging Face model cards, and saved stages used with transformers.pipeli
 
 import io
 import json
+import logging
 import math
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -253,3 +255,17 @@ def test_plain_onnxruntime_snippets_give_the_tools_logits(hub_run, capsys):
         np.testing.assert_array_equal(namespace['logits'], model.logits(dict(batch)))
         printed = capsys.readouterr().out
         assert set(eval(printed)[0]) == set(model.label_names)
+
+
+def test_run_log_holds_library_log_lines_and_lets_go_of_them_after(tmp_path, capsys):
+    from transformers.utils import logging as transformers_logging
+    from research_output import run_log
+    logger = transformers_logging.get_logger('transformers.research_test')
+    transformers_logging.set_verbosity_warning()
+    # in a real process the handler holds the process's stderr; under pytest, an earlier test's capture stream
+    logging.getLogger('transformers').handlers[0].setStream(sys.stderr)
+    with run_log(str(tmp_path / 'run.log')):
+        logger.warning('a line from transformers inside the run')
+    logger.warning('a line from transformers after the run')       # must not reach the closed log
+    log = (tmp_path / 'run.log').read_text(encoding='utf-8')
+    assert 'a line from transformers inside the run' in log and 'after the run' not in log

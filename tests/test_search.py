@@ -18,9 +18,9 @@ import research_search
 from conftest import ROOT, fast_args, run_cli
 from research_inference import load_compressed_model
 from research_search_report import bootstrap_interval
-from research_search_space import check_space, choose, corner_choices, pipeline_of, trial_settings
+from research_search_space import (check_space, choose, corner_choices, default_space, most_compressed_choices,
+                                   pipeline_of, trial_settings)
 from research_compression_config import parse_compression_arguments
-from research_errors import UsageError
 
 BUDGET_MB = 0.5
 
@@ -117,6 +117,24 @@ def test_space_trials_and_corners(tmp_path, tiny_teacher_dir):
     assert corner_choices(args, 'kd_only')['student_layers'] == '2'
 
 
+def test_the_most_compressed_trial_takes_each_settings_smallest_fastest_end(tmp_path, tiny_teacher_dir):
+    args = parse_compression_arguments(search_args(tmp_path / 'out', tiny_teacher_dir, tmp_path / 'c', 4))
+    chosen = most_compressed_choices(check_space(default_space(args), 'test', 4), args)
+    assert chosen == {'kd': True, 'prune': True, 'quant': True, 'trim_vocab': True, 'student_layers': '1',
+                      'kd_method': 'logit', 'kd_alpha': args.kd_alpha, 'kd_temperature': args.kd_temperature,
+                      'prune_method': 'structured', 'prune_sparsity': 0.7, 'quant_method': 'dynamic'}
+    ranges = check_space({'kd': [False, True], 'prune': [True], 'quant': [True], 'student_layers': {'low': 1, 'high': 3},
+                          'prune_sparsity': {'low': 0.2, 'high': 0.6}, 'quant_method': ['fp16', 'int4'],
+                          'prune_method': ['magnitude']}, 'test', 4)
+    chosen = most_compressed_choices(ranges, args)
+    assert (chosen['student_layers'], chosen['prune_sparsity'], chosen['quant_method']) == (1, 0.6, 'int4')
+    assert chosen['prune_method'] == 'magnitude' and pipeline_of(chosen) == 'kd_prune_quant'
+    # a technique the space does not name keeps --pipeline's choice (here: no quantization)
+    no_kd = most_compressed_choices(check_space({'kd': [False], 'prune': [True, False]}, 'test', 4),
+                                    args.replace(pipeline='kd_only'))
+    assert pipeline_of(no_kd) == 'prune_only' and 'student_layers' not in no_kd and 'quant_method' not in no_kd
+
+
 def test_bootstrap_interval_brackets_macro_f1_and_is_seeded():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, size=(200, 3))
@@ -144,11 +162,15 @@ def test_search_outputs_and_reuse(search_run):
     assert len(trials) == 10 and (trials['state'] == 'COMPLETE').all()
     assert list(trials['corner'][:8]) == ['baseline', 'kd_only', 'prune_only', 'quant_only', 'kd_prune', 'kd_quant',
                                           'prune_quant', 'kd_prune_quant']
+    anchor = trials.iloc[8]     # then the space's most compressed setting
+    assert anchor['anchor'] == 'most_compressed' and anchor['description'] == 'kd(L1, logit a0.7 T4, trim) → structured 70 % → int8'
     assert (trials['val_f1_low'] <= trials['val_f1_macro']).all() and (trials['val_f1_macro'] <= trials['val_f1_high']).all()
     assert (trials['feasible'] == ((trials['size_mb'] <= BUDGET_MB) & (trials['speedup'] >= 0.5))).all()
     produced = produced_stages(search_run)
     assert len(produced) == len(set(produced))
-    assert sum(s.startswith('teacher-') for s in produced) == 1 and sum(s.startswith('kd-') for s in produced) == 1
+    assert sum(s.startswith('teacher-') for s in produced) == 1
+    corner_students = {key for keys in trials.loc[:7, 'stage_keys'].dropna() for key in keys.split(';') if key.startswith('kd-')}
+    assert len(corner_students) == 1                     # the corners distil one student, once
     log = open(os.path.join(search_run, 'run.log'), encoding='utf-8').read()
     assert '[search] trial 8/10 (#7): kd(L2, logit a0.7 T4) → magnitude 50 % → int8: val macro-F1' in log
     assert '(reused teacher, student, pruned model)' in log
