@@ -417,5 +417,8 @@ def build_structurally_pruned_model(model_dir: str) -> nn.Module:
     layers = {layer.name: layer for layer in encoder_layers(model)}
     for name, heads, width in zip(record['layers'], record['heads_per_layer'], record['ffn_width_per_layer']):
         shrink_layer(layers[name], list(range(heads)), list(range(width)))
-    model.load_state_dict(load_file(os.path.join(model_dir, 'model.safetensors')), strict=True)
+    # assign=True: the parameters become the saved tensors, in their saved dtype. Copying into the rebuilt ones
+    # would keep each one's dtype: from_config builds in config.dtype (fp16 for an fp16 stage) while the shrunk
+    # layers are rebuilt in fp32, and a mixed model fails at its first matmul
+    model.load_state_dict(load_file(os.path.join(model_dir, 'model.safetensors')), strict=True, assign=True)
     return model.eval()

@@ -264,7 +264,7 @@ def most_compressed_choices(space: Dict, args) -> Dict[str, object]:
     vocabulary, structured pruning at the highest sparsity, int8; the KD loss keeps the command line's settings.
     Enqueued after the eight pipelines: it says early whether the budget is within reach of the space at all,
     and gives the sampler a point in the small, fast corner that random sampling rarely hits (about 1 trial in
-    200 of the default space)."""
+    100 of the default space)."""
     fixed = command_line_values(args)
     chosen = {t: _most_compressed_value(t, space[t]) if t in space else fixed[t] for t in TECHNIQUES}
     for name, setting in SEARCH_SETTINGS.items():

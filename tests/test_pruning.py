@@ -433,6 +433,29 @@ def test_structured_pipeline_end_to_end(teacher_checkpoint, tmp_path):
         assert json.load(fh)['format'] == 'hf_structured'
 
 
+def test_a_structurally_pruned_fp16_model_reloads_in_fp16(tmp_path):
+    """Structured pruning then fp16 (a search trial did this): the reloaded model is fp16 everywhere and runs."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from research_models import build_structurally_pruned_model as load_structured_model
+    from research_pruning import PRUNE_METHODS
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=120, hidden_size=48, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=96,
+                                                     max_position_embeddings=64, num_labels=5)).eval()
+    ids = torch.randint(5, 120, (8, 12))
+    calibration = [{'input_ids': ids, 'attention_mask': torch.ones_like(ids), 'labels': torch.randint(0, 2, (8, 5)).float()}]
+    model, _ = PRUNE_METHODS['structured'](model, make_args(tmp_path, prune_method='structured', prune_sparsity=0.5),
+                                           calibration)
+    model = model.half()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(str(tmp_path / 'm'))
+    reloaded = load_structured_model(str(tmp_path / 'm'))
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float16}
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
 def test_structured_works_on_distilbert_layout(tmp_path):
     """DistilBERT names its projections differently (q_lin/k_lin/v_lin/out_lin, ffn.lin1/lin2)."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
