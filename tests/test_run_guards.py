@@ -116,21 +116,23 @@ print('INTACT', os.path.exists(os.path.join(node.path, 'model.safetensors')), ti
 '''
 
 
-def wait_for_use(user):
+def stored_stage_used_by_another_process(tmp_path, hold_seconds: str):
+    """A stored teacher stage, and another process that uses it for `hold_seconds` (this process's own use is
+    released, so only the other one holds it): (stage root, that process)."""
+    root = str(tmp_path / 'stages')
+    StageStore(root).get_or_run('teacher', 'ab' * 8, writer([]), seed=0)
+    env = {**os.environ, 'PYTHONPATH': os.path.join(ROOT, 'tests')}
+    user = subprocess.Popen([sys.executable, '-c', USER.format(root=ROOT), root, hold_seconds], stdout=subprocess.PIPE,
+                            text=True, env=env)
     for line in user.stdout:
         if line.startswith('USING'):
-            return
+            release_stage_uses()
+            return root, user
     raise AssertionError('the other process ended before it used the stage')
 
 
 def test_a_forced_rebuild_waits_for_the_live_run_that_uses_the_stage(tmp_path, capsys):
-    root = str(tmp_path / 'stages')
-    StageStore(root).get_or_run('teacher', 'ab' * 8, writer([]), seed=0)
-    env = {**os.environ, 'PYTHONPATH': os.path.join(ROOT, 'tests')}
-    user = subprocess.Popen([sys.executable, '-c', USER.format(root=ROOT), root, '4'], stdout=subprocess.PIPE, text=True,
-                            env=env)
-    wait_for_use(user)
-    release_stage_uses()        # only the other process uses the stage now
+    root, user = stored_stage_used_by_another_process(tmp_path, '4')
     calls = []
     capsys.readouterr()
     node = StageStore(root, reuse=False).get_or_run('teacher', 'ab' * 8, writer(calls), seed=0)
@@ -143,13 +145,7 @@ def test_a_forced_rebuild_waits_for_the_live_run_that_uses_the_stage(tmp_path, c
 
 
 def test_pruning_the_cache_keeps_a_stage_a_live_run_uses(tmp_path):
-    root = str(tmp_path / 'stages')
-    StageStore(root).get_or_run('teacher', 'ab' * 8, writer([]), seed=0)
-    env = {**os.environ, 'PYTHONPATH': os.path.join(ROOT, 'tests')}
-    user = subprocess.Popen([sys.executable, '-c', USER.format(root=ROOT), root, '2'], stdout=subprocess.PIPE, text=True,
-                            env=env)
-    wait_for_use(user)
-    release_stage_uses()        # only the other process uses the stage now
+    root, user = stored_stage_used_by_another_process(tmp_path, '2')
     assert StageStore(root).remove_unused(0) == []
     user.communicate()
     assert len(StageStore(root).remove_unused(0)) == 1
